@@ -1,0 +1,1 @@
+"""Command-line entry points; each wires config → plan → io → methods for one job."""

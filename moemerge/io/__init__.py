@@ -1,0 +1,1 @@
+"""Reading checkpoints lazily and writing sharded model folders atomically."""

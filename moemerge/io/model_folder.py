@@ -1,0 +1,93 @@
+"""The non-tensor files of an output model folder: config, tokenizer, model card, recipe."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from moemerge import __version__
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_config(folder: Path, config: dict, *, out_dtype: torch.dtype | None = None) -> None:
+    """config.json, with `dtype`/`torch_dtype` set to the saved dtype so transformers loads it as written."""
+    config = dict(config)
+    if out_dtype is not None:
+        config["torch_dtype"] = dtype_name(out_dtype)
+        config["dtype"] = dtype_name(out_dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer files that exist in `source`; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, folder / name)
+    if not copied:
+        log.warning("no tokenizer files in %s; the output has no tokenizer", source)
+    return copied
+
+
+def copy_generation_config(source: Path, folder: Path) -> None:
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+
+
+def write_recipe(folder: Path, file_name: str, recipe: dict) -> str:
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    (folder / file_name).write_text(text)
+    return text
+
+
+def write_model_card(
+    folder: Path,
+    *,
+    title: str,
+    base_models: Sequence[str],
+    summary: str,
+    recipe_text: str,
+    extra_tags: Sequence[str] = (),
+) -> None:
+    """README.md with Hugging Face front-matter, what was done, and the recipe that did it."""
+    front = {
+        "base_model": list(dict.fromkeys(base_models)),
+        "library_name": "transformers",
+        "tags": ["merge", "moemerge", *extra_tags],
+    }
+    card = (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + f"# {title}\n\n"
+        + f"{summary}\n\n"
+        + f"Made with [moemerge](https://pypi.org/project/moemerge/) {__version__}.\n\n"
+        + "## Recipe\n\n```yaml\n"
+        + recipe_text
+        + "```\n"
+    )
+    (folder / "README.md").write_text(card)

@@ -1,0 +1,38 @@
+"""Turn a model reference (local folder or `org/name[@revision]`) into a folder on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moemerge.errors import ModelNotFoundError
+
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def split_revision(reference: str) -> tuple[str, str | None]:
+    name, _, revision = reference.partition("@")
+    return name, (revision or None)
+
+
+def resolve_model(reference: str) -> Path:
+    """A local folder as-is; otherwise a Hugging Face repo id from the local cache (or the hub when online)."""
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise ModelNotFoundError(f"model {reference!r} is a file; give the folder that holds config.json")
+    repo_id, revision = split_revision(reference)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise ModelNotFoundError(f"model {reference!r} not found: no such folder, and not an 'org/name' repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline)
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        where = "the local Hugging Face cache" if offline else "the local cache or the hub"
+        raise ModelNotFoundError(f"model {reference!r} not found in {where}: {error.__class__.__name__}") from None

@@ -1,0 +1,174 @@
+"""Write safetensors shards whose layout is known before the first tensor is computed.
+
+Every command knows each output tensor's name, shape and dtype before reading any input, so the
+writer lays out all shards up front (headers written, space reserved) and each tensor is written
+straight to its offset with `os.pwrite` as soon as it is ready, in any order, from any thread.
+Nothing is buffered per shard: a tensor leaves memory as soon as it is on disk. The file format is
+the one page in the safetensors README: u64 header size, JSON header, raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemerge.errors import OutputError
+from moemerge.io.loader import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """'500M', '5G', '5GB' or a plain byte count → bytes (decimal units, as Hugging Face uses)."""
+    if isinstance(text, int):
+        return text
+    match = SIZE_PATTERN.match(text)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}; use a byte count or a number with K, M, G or T")
+    return int(float(match[1]) * SIZE_UNITS[match[2].upper()])
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor's name, shape and dtype, known before it is computed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+def assign_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def _header(specs: Sequence[TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    """The padded JSON header and each tensor's offset from the start of the data section."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    position = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        offsets[spec.name] = position
+        position += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    return encoded, offsets
+
+
+class ShardedWriter:
+    """Writes `model-0000i-of-0000N.safetensors` shards and their index into a folder."""
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
+        self.folder = Path(folder)
+        self.specs = {spec.name: spec for spec in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("duplicate output tensor names")
+        self._lock = threading.Lock()
+        self._pending = set(self.specs)
+        self._location: dict[str, tuple[str, int, int]] = {}  # name -> (shard file, fd, absolute offset)
+        self._files: list[tuple[str, int]] = []
+        shards = assign_shards(specs, max_shard_bytes)
+        for number, shard in enumerate(shards, start=1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            self._open_shard(file_name, shard)
+
+    def _open_shard(self, file_name: str, shard: Sequence[TensorSpec]) -> None:
+        header, offsets = _header(shard)
+        data_start = 8 + len(header)
+        total = data_start + sum(spec.nbytes for spec in shard)
+        path = self.folder / file_name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._files.append((file_name, fd))
+            self._reserve(fd, total, path)
+            os.pwrite(fd, len(header).to_bytes(8, "little") + header, 0)
+        except OSError as error:
+            raise _output_error(error, path) from None
+        for spec in shard:
+            self._location[spec.name] = (file_name, fd, data_start + offsets[spec.name])
+
+    @staticmethod
+    def _reserve(fd: int, total: int, path: Path) -> None:
+        """Claim the shard's disk space now, so a full disk fails before hours of work, not after."""
+        try:
+            os.posix_fallocate(fd, 0, total)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                os.ftruncate(fd, total)
+            else:
+                raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor at its reserved place; safe to call from several threads."""
+        spec = self.specs[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"{name}: computed {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}"
+            )
+        _, fd, offset = self._location[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as error:
+            raise _output_error(error, self.folder / name) from None
+        with self._lock:
+            self._pending.discard(name)
+
+    def close(self) -> None:
+        """Check every planned tensor was written, flush the shards and write the index."""
+        if self._pending:
+            missing = sorted(self._pending)[:3]
+            raise RuntimeError(f"{len(self._pending)} planned tensors were never written, e.g. {missing}")
+        for _, fd in self._files:
+            os.fsync(fd)
+            os.close(fd)
+        self._files = []
+        weight_map = {name: file_name for name, (file_name, _, _) in self._location.items()}
+        index = {
+            "metadata": {"total_size": sum(spec.nbytes for spec in self.specs.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for _, fd in self._files:
+            os.close(fd)
+        self._files = []
+
+
+def _output_error(error: OSError, path: Path) -> OutputError:
+    if error.errno == errno.ENOSPC:
+        return OutputError(f"disk full while writing {path}: free space or choose another output folder")
+    return OutputError(f"cannot write {path}: {error.strerror or error}")

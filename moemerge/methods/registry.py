@@ -1,0 +1,65 @@
+"""The registry of merge methods, keyed by the name a recipe's `merge_method` uses.
+
+A method is a pure function: it receives the tensors already loaded (same shape, math dtype),
+one validated parameter object per input model, one validated parameter object for the method,
+and a seeded generator; it returns the merged tensor. No files, no YAML, no globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from moemerge.errors import ConfigError
+
+
+class Params(BaseModel):
+    """Base for parameter models: unknown keys are errors, so typos fail before any tensor is read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(Params):
+    pass
+
+
+# merge(tensors, base, model_params, method_params, generator) -> merged tensor
+#   tensors:       the non-base inputs, in recipe order (for methods without a base: all inputs)
+#   base:          the base model's tensor, or None when the method does not use one
+#   model_params:  one validated per-model parameter object per entry of `tensors`
+#   method_params: the validated method-level parameters
+#   generator:     seeded per output tensor (random methods only)
+MergeFunction = Callable[
+    [Sequence[torch.Tensor], "torch.Tensor | None", Sequence[BaseModel], BaseModel, "torch.Generator | None"],
+    torch.Tensor,
+]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: MergeFunction
+    model_params: type[Params] = NoParams  # per input model, e.g. weight, density
+    method_params: type[Params] = NoParams  # per output tensor, e.g. t, normalize, lambda
+    uses_base: bool = False  # needs base_model; the base is passed separately, not in `tensors`
+    random: bool = False  # draws from the generator (DARE)
+    single_source: bool = False  # takes exactly one input (passthrough)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    from moemerge.methods import catalogue  # noqa: F401  (imports every method module, which registers itself)
+
+    if name not in METHODS:
+        raise ConfigError(f"merge_method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
