@@ -46,9 +46,7 @@ def toy_tokenizer(vocab_size: int = 384):
         show_progress=False,
     )
     tokenizer.train_from_iterator([TOY_TEXT] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def toy_config(model_type: str = "llama", **overrides):

@@ -35,10 +35,15 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 
 device_option = click.option(
-    "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
     help="Where the tensor math runs.",
 )
-seed_option = click.option("--random-seed", type=int, default=0, show_default=True, help="Seed for random masks/routers.")
+seed_option = click.option(
+    "--random-seed", type=int, default=0, show_default=True, help="Seed for random masks/routers."
+)
 shard_size_option = click.option(
     "--out-shard-size", default="5G", show_default=True, callback=_size, help="Largest output shard, e.g. 500M, 5G."
 )
