@@ -47,6 +47,7 @@ class MergeMethod:
     uses_base: bool = False  # needs base_model; the base is passed separately, not in `tensors`
     random: bool = False  # draws from the generator (DARE)
     single_source: bool = False  # takes exactly one input (passthrough)
+    model_count: int | None = None  # exactly this many non-base inputs (slerp: 1); None = any number
 
 
 METHODS: dict[str, MergeMethod] = {}

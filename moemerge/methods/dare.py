@@ -1,0 +1,67 @@
+"""DARE (Yu et al., 2024): drop task-vector entries at random, rescale the survivors, then merge.
+
+`dare_ties` merges with TIES sign election, `dare_linear` with the plain weighted sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from pydantic import Field
+
+from moemerge.methods.registry import MergeMethod, Params, register
+from moemerge.methods.sparsify import drop_random
+from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
+
+
+class DareModelParams(Params):
+    weight: float
+    density: float = Field(1.0, ge=0.0, le=1.0)  # probability that each task-vector entry survives
+
+
+class DareParams(TaskVectorParams):
+    normalize: bool = False
+    rescale: bool = True  # scale the survivors so each task vector keeps its L1 norm
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_params: Sequence[DareModelParams],
+    method_params: DareParams,
+    generator: torch.Generator | None,
+    *,
+    sign_consensus: bool,
+) -> torch.Tensor:
+    """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i) with δ̃_i = δ_i · Bernoulli(density) mask, L1-rescaled."""
+    assert base is not None
+    if generator is None:
+        raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
+    weights = [params.weight for params in model_params]
+    weighted_deltas = [
+        drop_random(task_vector(tensor, base), params.density, method_params.rescale, generator).mul_(params.weight)
+        for tensor, params in zip(tensors, model_params, strict=True)
+    ]
+    return add_task_vectors(
+        base,
+        weighted_deltas,
+        weights,
+        sign_consensus=sign_consensus,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
+    )
+
+
+for name, sign_consensus in (("dare_ties", True), ("dare_linear", False)):
+    register(
+        MergeMethod(
+            name=name,
+            merge=partial(merge, sign_consensus=sign_consensus),
+            model_params=DareModelParams,
+            method_params=DareParams,
+            uses_base=True,
+            random=True,
+        )
+    )
