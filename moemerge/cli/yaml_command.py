@@ -1,0 +1,88 @@
+"""`moemerge-yaml CONFIG OUT`: a dense merge from a mergekit-style YAML recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moemerge.cli.options import (
+    copy_tokenizer_option,
+    device_option,
+    dry_run_option,
+    overwrite_option,
+    quiet_option,
+    resolve_device,
+    seed_option,
+    shard_size_option,
+    trust_remote_code_option,
+    user_errors,
+    verbose_option,
+)
+from moemerge.config.merge_recipe import load_merge_recipe
+from moemerge.io.loader import ModelPool
+from moemerge.io.output_dir import check_target
+from moemerge.merge import RunOptions, describe_plan, run_merge
+from moemerge.plan.dense_plan import plan_merge
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@device_option
+@seed_option
+@shard_size_option
+@copy_tokenizer_option
+@click.option("--allow-crimes", is_flag=True, help="Skip inputs whose tensor shapes do not match instead of failing.")
+@trust_remote_code_option
+@overwrite_option
+@dry_run_option
+@verbose_option
+@quiet_option
+@click.option("--cuda", is_flag=True, hidden=True, help="mergekit spelling of --device cuda.")
+@click.option(
+    "--lazy-unpickle",
+    "--low-cpu-memory",
+    "mergekit_noop",
+    is_flag=True,
+    hidden=True,
+    help="Accepted for mergekit compatibility; moemerge always streams.",
+)
+@user_errors
+def main(
+    config_path: Path,
+    out: Path,
+    device: str,
+    random_seed: int,
+    out_shard_size: int,
+    copy_tokenizer: bool,
+    allow_crimes: bool,
+    trust_remote_code: bool,
+    overwrite: bool,
+    dry_run: bool,
+    verbose: bool,
+    quiet: bool,
+    cuda: bool,
+    mergekit_noop: bool,
+) -> None:
+    """Merge the models of a YAML recipe (mergekit format) into OUT."""
+    recipe, recipe_text = load_merge_recipe(config_path)
+    if not dry_run:
+        check_target(out, overwrite)
+    device = resolve_device("cuda" if cuda else device)
+    pool = ModelPool()
+    plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        return
+    options = RunOptions(
+        device=device,
+        random_seed=random_seed,
+        out_shard_size=out_shard_size,
+        copy_tokenizer=copy_tokenizer,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    run_merge(plan, recipe, recipe_text, pool, out, options)
+    if not quiet:
+        click.echo(f"wrote {out}")

@@ -1,0 +1,113 @@
+"""Run a planned dense merge: load each output tensor's inputs, apply the method, write the model folder."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemerge.config.merge_recipe import MergeRecipe
+from moemerge.executor import OutputTensor, write_tensors
+from moemerge.io.loader import ModelPool
+from moemerge.io.model_folder import copy_generation_config, copy_tokenizer, write_config, write_model_card
+from moemerge.io.output_dir import staged_output
+from moemerge.plan.dense_plan import MergePlan, TensorMerge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    device: str = "cpu"
+    random_seed: int = 0
+    out_shard_size: int = 5 * 10**9
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    max_memory: int | None = None
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A per-tensor seed: the same recipe and seed give the same masks in any order or thread."""
+    return zlib.crc32(f"{random_seed}:{tensor_name}".encode())
+
+
+def fit_rows(tensor: torch.Tensor, rows: int, filler: torch.Tensor) -> torch.Tensor:
+    """Cut or extend a vocab-indexed tensor to `rows`, taking missing rows from `filler` (the base)."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, filler[tensor.shape[0] : rows]])
+
+
+def merge_tensor(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions) -> torch.Tensor:
+    def read(model: str, name: str) -> torch.Tensor:
+        return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device)
+
+    base = read(merge.base.model, merge.base.name) if merge.base else None
+    tensors = [read(item.model, item.name) for item in merge.inputs]
+    if merge.fit_vocab:
+        filler = base if base is not None else tensors[0]
+        rows = merge.spec.shape[0]
+        tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
+    generator = None
+    if plan.method.random:
+        generator = torch.Generator(device=options.device).manual_seed(
+            tensor_seed(options.random_seed, merge.spec.name)
+        )
+    merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
+    return merged.to(merge.spec.dtype)
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """The --dry-run summary: what will be read, how, and how big the output and working set are."""
+    largest = max((merge.spec.nbytes for merge in plan.merges), default=0)
+    inputs_per_tensor = max((len(merge.inputs) + (merge.base is not None) for merge in plan.merges), default=0)
+    working = largest // max(merge.spec.dtype.itemsize for merge in plan.merges) * plan.math_dtype.itemsize
+    peak = working * (inputs_per_tensor + 2)
+    lines = [
+        f"method: {plan.method.name}",
+        f"models: {', '.join(plan.models)}",
+        f"reference (config, tokenizer): {plan.reference}",
+        f"output tensors: {len(plan.merges)} in {plan.layer_count} layers",
+        f"output size: {plan.output_bytes / 1e9:.3f} GB",
+        f"math dtype: {str(plan.math_dtype).removeprefix('torch.')}",
+        f"estimated peak memory for tensors: {peak / 1e9:.3f} GB (largest tensor x {inputs_per_tensor + 2})",
+    ]
+    return "\n".join(lines)
+
+
+def run_merge(
+    plan: MergePlan, recipe: MergeRecipe, recipe_text: str, pool: ModelPool, out: Path, options: RunOptions
+) -> Path:
+    """Write the merged model folder at `out`, atomically."""
+    outputs = [
+        OutputTensor(merge.spec, lambda merge=merge: merge_tensor(plan, merge, pool, options)) for merge in plan.merges
+    ]
+    with staged_output(out, options.overwrite) as folder:
+        write_tensors(
+            folder,
+            outputs,
+            max_shard_bytes=options.out_shard_size,
+            progress=options.progress,
+            description=f"{plan.method.name} merge",
+        )
+        reference_folder = pool.get(plan.reference).folder
+        write_config(folder, plan.config, out_dtype=recipe.saved_dtype)
+        copy_generation_config(reference_folder, folder)
+        if options.copy_tokenizer:
+            source = recipe.tokenizer_source
+            tokenizer_folder = reference_folder if source in (None, "base") else pool.get(source).folder
+            copy_tokenizer(tokenizer_folder, folder)
+        (folder / "moemerge_config.yml").write_text(recipe_text)
+        base = f" with {recipe.base_model} as the base" if recipe.base_model else ""
+        write_model_card(
+            folder,
+            title="Merged model",
+            base_models=plan.models,
+            summary=f"This model is a merge of {len(plan.models)} models using the `{plan.method.name}` method{base}.",
+            recipe_text=recipe_text if recipe_text.endswith("\n") else recipe_text + "\n",
+        )
+    return Path(out)

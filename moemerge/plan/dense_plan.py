@@ -1,0 +1,276 @@
+"""Plan a dense merge: for every output tensor, which input tensors, which parameters, what shape and dtype.
+
+Planning reads only configs and safetensors headers, never tensor data, so every recipe error
+(missing model, missing tensor, bad parameter, mismatched shape) surfaces before the first byte is merged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from moemerge.architectures import Architecture, Role, architecture_for_config, layer_count, layer_of, with_layer
+from moemerge.config.merge_recipe import MergeRecipe, OutputSlice, SliceSource
+from moemerge.errors import ConfigError, TensorError
+from moemerge.io.loader import LazyModel, ModelPool
+from moemerge.io.writer import TensorSpec
+from moemerge.methods.registry import MergeMethod, Params, get_method
+from moemerge.plan.parameters import check_names, layer_position, resolve_method_params, resolve_model_params
+
+log = logging.getLogger(__name__)
+
+VOCAB_ROLES = (Role.EMBEDDING, Role.LM_HEAD)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: str
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorMerge:
+    """One output tensor: the method's inputs (base separate) and the parameters resolved for it."""
+
+    spec: TensorSpec
+    inputs: tuple[TensorInput, ...]
+    base: TensorInput | None
+    model_params: tuple[Params, ...]
+    method_params: Params
+    fit_vocab: bool = False  # embeddings/lm_head of differing vocab sizes: align rows to the output
+
+
+@dataclass
+class MergePlan:
+    method: MergeMethod
+    merges: list[TensorMerge]
+    reference: str  # the model whose config, names and tokenizer shape the output
+    config: dict
+    layer_count: int
+    math_dtype: torch.dtype
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(merge.spec.nbytes for merge in self.merges)
+
+
+def _model_layers(model: LazyModel, arch: Architecture) -> int:
+    if arch.name != "unknown":
+        return layer_count(model.config, arch)
+    layers = [index for index in map(layer_of, model.names) if index is not None]
+    if not layers:
+        raise ConfigError(f"model {model.label!r}: unknown architecture and no '.layers.N.' tensors to merge by layer")
+    return max(layers) + 1
+
+
+def _normalised_slices(
+    recipe: MergeRecipe, method: MergeMethod, pool: ModelPool, arch: Architecture
+) -> list[OutputSlice]:
+    """The recipe as slices: a `models:` recipe is one slice spanning every layer of every model."""
+    if recipe.slices is not None:
+        return recipe.slices
+    entries = list(recipe.models or [])
+    if method.uses_base and recipe.base_model not in [entry.model for entry in entries]:
+        entries.append(SliceSource(model=recipe.base_model, layer_range=(0, 1)))  # range fixed below
+    counts = {entry.model: _model_layers(pool.get(entry.model), arch) for entry in entries}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{model} ({count})" for model, count in counts.items())
+        raise ConfigError(f"models: layer counts differ ({listed}); use 'slices' to choose layer ranges")
+    sources = [
+        SliceSource(model=entry.model, parameters=entry.parameters, layer_range=(0, counts[entry.model]))
+        for entry in entries
+    ]
+    return [OutputSlice(sources=sources)]
+
+
+def _check_sources(recipe: MergeRecipe, method: MergeMethod, slices: list[OutputSlice]) -> None:
+    where = "models" if recipe.slices is None else "slices"
+    check_names(method, recipe.parameters, "parameters")
+    for index, output_slice in enumerate(slices):
+        base = output_slice.base_model or recipe.base_model
+        others = [source for source in output_slice.sources if not (method.uses_base and source.model == base)]
+        label = where if recipe.slices is None else f"slices[{index}]"
+        check_names(method, output_slice.parameters, f"{label}.parameters")
+        for position, source in enumerate(output_slice.sources):
+            check_names(method, source.parameters, f"{label}.sources[{position}].parameters")
+        if method.single_source and len(output_slice.sources) != 1:
+            raise ConfigError(
+                f"{label}: {method.name} takes exactly one model per slice, got {len(output_slice.sources)}"
+            )
+        if method.name == "slerp" and len(others) != 1:
+            raise ConfigError(f"{label}: slerp merges exactly two models: base_model and one other")
+        if method.uses_base and not others:
+            raise ConfigError(f"{label}: {method.name} needs at least one model besides base_model {base!r}")
+
+
+class _Planner:
+    def __init__(self, recipe: MergeRecipe, pool: ModelPool, allow_crimes: bool):
+        self.recipe = recipe
+        self.pool = pool
+        self.allow_crimes = allow_crimes
+        self.method = get_method(recipe.merge_method)
+        if self.method.uses_base and not recipe.base_model:
+            raise ConfigError(f"base_model: required by merge_method {self.method.name!r}")
+        first_model = recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model
+        self.reference = recipe.base_model or first_model
+        self.reference_model = pool.get(self.reference)
+        self.arch = architecture_for_config(self.reference_model.config, model_label=self.reference)
+        self.slices = _normalised_slices(recipe, self.method, pool, self.arch)
+        _check_sources(recipe, self.method, self.slices)
+        self.merges: list[TensorMerge] = []
+        self.source_layers: list[int] = []  # output layer -> reference-model layer it came from
+
+    def plan(self) -> MergePlan:
+        pre, post = self._model_level_names()
+        self._plan_model_level(pre, self.slices[0])
+        offset = 0
+        for index, output_slice in enumerate(self.slices):
+            offset = self._plan_slice(index, output_slice, offset)
+        self._plan_model_level(post, self.slices[-1])
+        config = self._output_config(offset)
+        models = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
+        if self.recipe.base_model and self.recipe.base_model not in models:
+            models.append(self.recipe.base_model)
+        math_dtype = self.recipe.math_dtype or torch.float32
+        return MergePlan(self.method, self.merges, self.reference, config, offset, math_dtype, models)
+
+    def _model_level_names(self) -> tuple[list[str], list[str]]:
+        """Tensors outside the layers: embeddings (from the first slice) and final norm/lm_head (from the last)."""
+        pre, post = [], []
+        for name in self.reference_model.names:
+            if layer_of(name) is not None:
+                continue
+            role = self.arch.role_of(name)
+            is_pre = role == Role.EMBEDDING or (role == Role.OTHER and ("embed" in name or "wte" in name))
+            (pre if is_pre else post).append(name)
+        return pre, post
+
+    def _base_of(self, output_slice: OutputSlice) -> str | None:
+        return (output_slice.base_model or self.recipe.base_model) if self.method.uses_base else None
+
+    def _plan_model_level(self, names: list[str], output_slice: OutputSlice) -> None:
+        base = self._base_of(output_slice)
+        for name in names:
+            sources = [(s, name) for s in output_slice.sources if s.model != base]
+            self._add(name, sources, (base, name) if base else None, output_slice, t=0.0)
+
+    def _plan_slice(self, index: int, output_slice: OutputSlice, offset: int) -> int:
+        """Per-layer tensors of one slice, renumbered to follow the layers already planned."""
+        base = self._base_of(output_slice)
+        base_source = next((s for s in output_slice.sources if s.model == base), None)
+        first = output_slice.sources[0]
+        template = base_source or first
+        for source in output_slice.sources:
+            self._check_range(index, source)
+        start, end = template.layer_range
+        length = end - start
+        template_model = self.pool.get(template.model)
+        for step in range(length):
+            layer_names = [n for n in template_model.names if layer_of(n) == start + step]
+            if not layer_names:
+                raise TensorError(f"model {template.model!r} has no tensors for layer {start + step}")
+            t = layer_position(step, length)
+            for name in layer_names:
+                inputs = [
+                    (source, with_layer(name, source.layer_range[0] + step))
+                    for source in output_slice.sources
+                    if source.model != base
+                ]
+                base_input = None
+                if base:
+                    base_start = (base_source or first).layer_range[0]
+                    base_input = (base, with_layer(name, base_start + step))
+                self._add(with_layer(name, offset + step), inputs, base_input, output_slice, t=t)
+            self.source_layers.append(start + step)
+        return offset + length
+
+    def _check_range(self, index: int, source: SliceSource) -> None:
+        if self.recipe.slices is None:
+            return
+        count = _model_layers(self.pool.get(source.model), self.arch)
+        if source.layer_range[1] > count:
+            raise ConfigError(
+                f"slices[{index}]: layer_range {list(source.layer_range)} of {source.model!r} "
+                f"goes past its {count} layers"
+            )
+
+    def _add(
+        self,
+        output_name: str,
+        inputs: list[tuple[SliceSource, str]],
+        base: tuple[str, str] | None,
+        output_slice: OutputSlice,
+        t: float,
+    ) -> None:
+        reference_model, reference_name = (base[0], base[1]) if base else (inputs[0][0].model, inputs[0][1])
+        reference = self.pool.get(reference_model)
+        if not reference.has(reference_name):
+            raise TensorError(f"model {reference_model!r} has no tensor {reference_name!r}")
+        shape = reference.shape(reference_name)
+        fit_vocab = False
+        kept: list[tuple[SliceSource, str]] = []
+        for source, name in inputs:
+            model = self.pool.get(source.model)
+            if not model.has(name):
+                raise TensorError(f"model {source.model!r} has no tensor {name!r} (needed for {output_name})")
+            other = model.shape(name)
+            if other != shape:
+                if self.arch.role_of(output_name) in VOCAB_ROLES and other[1:] == shape[1:]:
+                    log.warning(
+                        "%s: %s has %d rows, output keeps %d (vocab sizes differ)",
+                        output_name,
+                        source.model,
+                        other[0],
+                        shape[0],
+                    )
+                    fit_vocab = True
+                elif self.allow_crimes:
+                    log.warning(
+                        "%s: skipping %s, shape %s != %s (--allow-crimes)", output_name, source.model, other, shape
+                    )
+                    continue
+                else:
+                    raise TensorError(
+                        f"{output_name}: shape {list(other)} in {source.model!r} does not match {list(shape)} "
+                        f"in {reference_model!r} (use --allow-crimes to skip mismatched inputs)"
+                    )
+            kept.append((source, name))
+        if not kept:
+            raise TensorError(f"{output_name}: no input left to merge after skipping mismatched shapes")
+        levels_global = [output_slice.parameters, self.recipe.parameters]
+        model_params = tuple(
+            resolve_model_params(self.method, [source.parameters, *levels_global], output_name, t, source.model)
+            for source, _ in kept
+        )
+        method_params = resolve_method_params(self.method, levels_global, output_name, t)
+        dtype = self.recipe.saved_dtype or reference.dtype(reference_name)
+        self.merges.append(
+            TensorMerge(
+                spec=TensorSpec(output_name, shape, dtype),
+                inputs=tuple(TensorInput(source.model, name) for source, name in kept),
+                base=TensorInput(*base) if base else None,
+                model_params=model_params,
+                method_params=method_params,
+                fit_vocab=fit_vocab,
+            )
+        )
+
+    def _output_config(self, total_layers: int) -> dict:
+        config = dict(self.reference_model.config)
+        old_layers = _model_layers(self.reference_model, self.arch)
+        if total_layers != old_layers or self.source_layers != list(range(old_layers)):
+            key = self.arch.layer_count_key
+            config[key] = total_layers
+            for name, value in list(config.items()):
+                # per-layer settings (e.g. layer_types) follow the layers they describe
+                if isinstance(value, list) and len(value) == old_layers and name != "architectures":
+                    config[name] = [value[layer] for layer in self.source_layers]
+        return config
+
+
+def plan_merge(recipe: MergeRecipe, pool: ModelPool, *, allow_crimes: bool = False) -> MergePlan:
+    """Every output tensor of the merge, validated; raises MoemergeError on any recipe or input problem."""
+    return _Planner(recipe, pool, allow_crimes).plan()

@@ -1,0 +1,33 @@
+"""Generate the seeded toy models that the demo and the example recipes in configs/ use.
+
+toy-models/base, coder, math, story:                      Llama-style; the last three are base + small deltas
+toy-models/mistral-base, mistral-coder, -math, -story:    Mistral-style, for the MoE example
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moemerge.toys import make_toy_model
+
+FINE_TUNES = {"coder": 1, "math": 2, "story": 3}
+
+
+def make_all(root: Path) -> Path:
+    """Build every toy model that is not there yet; returns `root`."""
+    for family, prefix in (("llama", ""), ("mistral", "mistral-")):
+        base = root / f"{prefix}base"
+        if not (base / "config.json").is_file():
+            make_toy_model(base, family, seed=0)
+        for name, seed in FINE_TUNES.items():
+            folder = root / f"{prefix}{name}"
+            if not (folder / "config.json").is_file():
+                make_toy_model(folder, family, seed=seed, base=base, delta_scale=0.05)
+    return root
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", nargs="?", default="toy-models", type=Path)
+    print(f"toy models in {make_all(parser.parse_args().root)}")
