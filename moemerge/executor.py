@@ -1,26 +1,103 @@
-"""Compute planned output tensors and stream them into the sharded writer.
+"""Compute planned output tensors and stream them into the sharded writer, within a memory budget.
 
 Every command (dense merge, MoE assembly, expert extraction) ends the same way: a list of output
 tensors whose names, shapes and dtypes are known, each with a function that produces it. This
 module is the one place that runs those functions and writes the results.
+
+The pipeline: while worker threads compute and write tensors (torch math and `os.pwrite` release the
+GIL), the scheduler asks the kernel to read ahead the inputs of the tensors that come next. A tensor
+starts only when its estimated working memory fits in the budget next to those already in flight, and
+its memory is released as soon as it is written, so peak memory follows the budget and the largest
+tensor, not the model. Each tensor is computed independently of the others, in the same way whatever
+the thread count, so the output is byte-identical with one worker or many.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from moemerge.io.loader import LazyModel
 from moemerge.io.writer import ShardedWriter, TensorSpec
+
+log = logging.getLogger(__name__)
+
+MATH_ITEMSIZE = 4  # methods compute in float32 unless the recipe asks for wider
+WORK_COPIES = 3  # temporaries a method holds beside its inputs (deltas, masks, the result)
+READ_AHEAD_BYTES = 512 * 10**6  # input bytes the kernel is asked to fetch ahead of the running tensors
 
 
 @dataclass(frozen=True)
 class OutputTensor:
+    """One planned output tensor: what it is, how to compute it, and (optionally) what it reads."""
+
     spec: TensorSpec
     produce: Callable[[], torch.Tensor]
+    sources: tuple[tuple[LazyModel, str], ...] = ()  # (model, tensor name) read by `produce`: read-ahead
+    input_bytes: int = 0  # bytes `produce` reads, when not given by `sources`
+
+
+def default_max_memory() -> int:
+    """A quarter of the machine's RAM, between 1 GB and 16 GB: room for a few large tensors in flight."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 10**9
+    return min(max(total // 4, 10**9), 16 * 10**9)
+
+
+def default_workers() -> int:
+    """One worker per core available to this process."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def working_bytes(output: OutputTensor) -> int:
+    """Estimated peak memory while producing and writing one tensor: inputs (as read and cast) + temporaries."""
+    numel = torch.Size(output.spec.shape).numel()
+    read = output.input_bytes
+    if not read and output.sources:
+        read = sum(model.nbytes(name) for model, name in output.sources)
+    source_count = len(output.sources) or 2
+    cast = max(read, source_count * numel * MATH_ITEMSIZE)  # inputs after the cast to the math dtype
+    return read + cast + WORK_COPIES * numel * MATH_ITEMSIZE + output.spec.nbytes
+
+
+def _produce_and_write(writer: ShardedWriter, output: OutputTensor) -> None:
+    tensor = output.produce()
+    writer.write(output.spec.name, tensor.to(output.spec.dtype))
+
+
+class _ReadAhead:
+    """Asks the kernel to fetch the inputs of upcoming tensors, up to a byte window ahead of the scheduler."""
+
+    def __init__(self, outputs: Sequence[OutputTensor], window: int):
+        self.outputs = outputs
+        self.window = window
+        self.next_index = 0
+        self.issued: list[int] = [0] * len(outputs)  # bytes asked for per output
+
+    def advance(self, current: int) -> None:
+        ahead = sum(self.issued[current : self.next_index])
+        while self.next_index < len(self.outputs) and ahead < self.window:
+            output = self.outputs[self.next_index]
+            for model, name in output.sources:
+                try:
+                    model.prefetch(name)
+                except Exception:  # read-ahead is only a hint; the real read reports real errors
+                    log.debug("read-ahead of %s failed", name, exc_info=True)
+                self.issued[self.next_index] += model.nbytes(name) if model.has(name) else 0
+            ahead += self.issued[self.next_index]
+            self.next_index += 1
 
 
 def write_tensors(
@@ -30,15 +107,63 @@ def write_tensors(
     max_shard_bytes: int,
     progress: bool = True,
     description: str = "merging",
+    max_memory: int | None = None,
+    workers: int | None = None,
 ) -> int:
-    """Produce every output tensor in order and write it; returns the bytes written."""
+    """Produce every output tensor and write it, `workers` at a time within `max_memory`; returns bytes written."""
+    budget = max_memory or default_max_memory()
+    workers = workers or default_workers()
     writer = ShardedWriter(folder, [output.spec for output in outputs], max_shard_bytes)
+    bar = tqdm(total=len(outputs), desc=description, unit="tensor", disable=not progress)
+    read_ahead = _ReadAhead(outputs, min(READ_AHEAD_BYTES, budget // 2))
     try:
-        for output in tqdm(outputs, desc=description, unit="tensor", disable=not progress):
-            tensor = output.produce()
-            writer.write(output.spec.name, tensor.to(output.spec.dtype))
+        if workers == 1:
+            for index, output in enumerate(outputs):
+                read_ahead.advance(index + 1)
+                _produce_and_write(writer, output)
+                bar.update()
+        else:
+            _run_parallel(writer, outputs, budget, workers, read_ahead, bar)
         writer.close()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        bar.close()
     return sum(output.spec.nbytes for output in outputs)
+
+
+def _run_parallel(
+    writer: ShardedWriter,
+    outputs: Sequence[OutputTensor],
+    budget: int,
+    workers: int,
+    read_ahead: _ReadAhead,
+    bar: tqdm,
+) -> None:
+    """Start tensors in plan order while their estimated memory fits the budget; a lone tensor always fits."""
+    in_flight: dict[Future, int] = {}
+    used = 0
+
+    def collect(block: bool) -> None:
+        nonlocal used
+        done, _ = wait(in_flight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            used -= in_flight.pop(future)
+            future.result()  # re-raises the first error; the pool's shutdown cancels what has not started
+            bar.update()
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moemerge") as pool:
+        try:
+            for index, output in enumerate(outputs):
+                cost = working_bytes(output)
+                while in_flight and (len(in_flight) >= workers or used + cost > budget):
+                    collect(block=True)
+                read_ahead.advance(index + 1)
+                in_flight[pool.submit(_produce_and_write, writer, output)] = cost
+                used += cost
+            while in_flight:
+                collect(block=True)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -47,6 +47,29 @@ seed_option = click.option(
 shard_size_option = click.option(
     "--out-shard-size", default="5G", show_default=True, callback=_size, help="Largest output shard, e.g. 500M, 5G."
 )
+
+
+def _memory(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None or value.strip().lower() == "auto":
+        return None  # the executor picks a quarter of RAM, between 1 GB and 16 GB
+    return _size(_ctx, _param, value)
+
+
+max_memory_option = click.option(
+    "--max-memory",
+    default="auto",
+    show_default=True,
+    callback=_memory,
+    help="Memory budget for tensors in flight, e.g. 2G; auto = a quarter of RAM (1G to 16G).",
+)
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tensors computed at once (default: one per core); the output is the same for any value.",
+)
+
+
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 copy_tokenizer_option = click.option(
     "--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy tokenizer files."
