@@ -1,0 +1,79 @@
+"""`moemerge-moe CONFIG OUT`: assemble a Mixtral / Qwen2-MoE / Qwen3-MoE model from dense models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moemerge.cli.options import (
+    copy_tokenizer_option,
+    device_option,
+    dry_run_option,
+    overwrite_option,
+    quiet_option,
+    resolve_device,
+    seed_option,
+    shard_size_option,
+    trust_remote_code_option,
+    user_errors,
+    verbose_option,
+)
+from moemerge.config.moe_recipe import load_moe_recipe
+from moemerge.io.loader import ModelPool
+from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dtype, prepare
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@device_option
+@seed_option
+@shard_size_option
+@copy_tokenizer_option
+@trust_remote_code_option
+@overwrite_option
+@dry_run_option
+@verbose_option
+@quiet_option
+@click.option(
+    "--hidden-pool",
+    type=click.Choice(["last", "mean"]),
+    default="last",
+    show_default=True,
+    help="gate_mode hidden: use each prompt's last real token, or the mean over its real tokens.",
+)
+@user_errors
+def main(
+    config_path: Path,
+    out: Path,
+    device: str,
+    random_seed: int,
+    out_shard_size: int,
+    copy_tokenizer: bool,
+    trust_remote_code: bool,
+    overwrite: bool,
+    dry_run: bool,
+    verbose: bool,
+    quiet: bool,
+    hidden_pool: str,
+) -> None:
+    """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT."""
+    recipe, recipe_data = load_moe_recipe(config_path)
+    if dry_run:
+        sources, planned = prepare(recipe, ModelPool())
+        click.echo(describe(recipe, sources, planned, output_dtype(recipe, sources)))
+        return
+    options = MoeOptions(
+        device=resolve_device(device),
+        random_seed=random_seed,
+        max_shard_bytes=out_shard_size,
+        copy_tokenizer=copy_tokenizer,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+        hidden_pool=hidden_pool,
+        progress=not quiet,
+    )
+    assemble_moe(recipe, recipe_data, out, options)
+    if not quiet:
+        click.echo(f"wrote {out}")

@@ -1,0 +1,107 @@
+"""The MoE assembly recipe: mergekit-moe's YAML format, validated before any tensor is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moemerge.errors import ConfigError
+
+MOE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
+MoeArchitecture = Literal["mixtral", "qwen2_moe", "qwen3_moe"]
+PROMPT_GATE_MODES = ("hidden", "cheap_embed")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpertEntry(Strict):
+    """One expert: whose MLP it is, which prompts should route to it, and how to scale it."""
+
+    source_model: str
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    noise: float = Field(default=0.0, ge=0.0)  # std of seeded Gaussian noise added to this expert's router row
+    residual_scale: float = 1.0  # multiplies the expert's down projection
+
+
+class MoeRecipe(Strict):
+    base_model: str
+    architecture: MoeArchitecture | None = None
+    gate_mode: GateMode = "hidden"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    experts_per_token: int = Field(default=2, ge=1)
+    experts: list[ExpertEntry] = Field(min_length=1)
+    shared_experts: list[ExpertEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoeRecipe:
+        if self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"experts_per_token is {self.experts_per_token} but only {len(self.experts)} experts are listed"
+            )
+        if len(self.shared_experts) > 1:
+            raise ValueError(f"shared_experts: at most one shared expert is supported, got {len(self.shared_experts)}")
+        if self.gate_mode in PROMPT_GATE_MODES:
+            for index, expert in enumerate(self.experts):
+                if not expert.positive_prompts:
+                    raise ValueError(
+                        f"experts[{index}].positive_prompts: gate_mode {self.gate_mode!r} needs at least one "
+                        f"positive prompt per expert ({expert.source_model})"
+                    )
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return MOE_DTYPES[self.dtype] if self.dtype else None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def explain_validation_error(error: ValidationError) -> str:
+    """The first pydantic problem as one line that names the recipe key."""
+    first = error.errors()[0]
+    where = _location(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"recipe key {where!r} is not a mergekit-moe key (check its spelling)"
+    if first["type"] == "missing":
+        return f"recipe key {where!r} is required"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"recipe key {where!r}: {message}" if where else f"recipe: {message}"
+
+
+def parse_moe_recipe(data: Any) -> MoeRecipe:
+    if not isinstance(data, dict):
+        raise ConfigError("recipe must be a YAML mapping with base_model and experts")
+    try:
+        return MoeRecipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(explain_validation_error(error)) from None
+
+
+def load_moe_recipe(path: Path) -> tuple[MoeRecipe, dict]:
+    """The validated recipe and the raw mapping (copied into the output as written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    return parse_moe_recipe(data), data

@@ -1,0 +1,118 @@
+"""Wire MoE assembly together: recipe → sources → plan → gates → streamed tensors + config, tokenizer, card."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
+from moemerge.executor import OutputTensor, write_tensors
+from moemerge.io.loader import ModelPool
+from moemerge.io.model_folder import (
+    copy_generation_config,
+    copy_tokenizer,
+    write_config,
+    write_model_card,
+    write_recipe,
+)
+from moemerge.io.output_dir import check_target, staged_output
+from moemerge.io.writer import TensorSpec
+from moemerge.moe.config import moe_config
+from moemerge.moe.gates import Gates, compute_gates
+from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
+from moemerge.moe.sources import MoeSources, resolve_sources
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "moemerge_moe_config.yml"
+
+
+@dataclass(frozen=True)
+class MoeOptions:
+    device: str = "cpu"
+    random_seed: int = 0
+    max_shard_bytes: int = 5 * 10**9
+    copy_tokenizer: bool = True
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    hidden_pool: str = "last"
+    progress: bool = True
+
+
+def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
+    """The recipe's dtype, else the base model's saved dtype, else float32."""
+    if recipe.torch_dtype is not None:
+        return recipe.torch_dtype
+    saved = sources.base.config.get("dtype") or sources.base.config.get("torch_dtype")
+    return MOE_DTYPES.get(str(saved), torch.float32)
+
+
+def prepare(recipe: MoeRecipe, pool: ModelPool) -> tuple[MoeSources, list[PlannedTensor]]:
+    """Everything that can fail on configs and headers alone, before any tensor is read."""
+    sources = resolve_sources(recipe, pool)
+    return sources, plan_moe(sources)
+
+
+def describe(recipe: MoeRecipe, sources: MoeSources, planned: list[PlannedTensor], dtype: torch.dtype) -> str:
+    total = sum(torch.Size(t.shape).numel() for t in planned) * dtype.itemsize
+    lines = [
+        f"architecture: {sources.target.name} from {sources.base_arch.name} base {recipe.base_model}",
+        f"experts: {len(sources.experts)} ({recipe.experts_per_token} per token), gate_mode: {recipe.gate_mode}, "
+        f"layers: {sources.layers}, dtype: {str(dtype).removeprefix('torch.')}",
+        f"shared expert: {sources.shared.entry.source_model if sources.shared else 'none'}",
+        f"tensors: {len(planned)}, {total / 1e6:.1f} MB",
+    ]
+    return "\n".join(lines + ["  " + tensor.describe() for tensor in planned])
+
+
+def _producer(tensor: PlannedTensor, gates: Gates):
+    if tensor.origin is Origin.ROUTER:
+        return lambda: gates.router[tensor.layer]
+    if tensor.origin is Origin.SHARED_GATE:
+        assert gates.shared_gate is not None
+        return lambda: gates.shared_gate[tensor.layer]
+    assert tensor.model is not None and tensor.source_name is not None
+    if tensor.scale == 1.0:
+        return lambda: tensor.model.read(tensor.source_name)
+    return lambda: tensor.model.read(tensor.source_name, dtype=torch.float32) * tensor.scale
+
+
+def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions) -> Path:
+    """Build the MoE into `out` (atomically: nothing is left there on error)."""
+    check_target(out, options.overwrite)
+    sources, planned = prepare(recipe, ModelPool())
+    dtype = output_dtype(recipe, sources)
+    gates = compute_gates(
+        recipe,
+        sources,
+        device=options.device,
+        seed=options.random_seed,
+        pool=options.hidden_pool,
+        trust_remote_code=options.trust_remote_code,
+    )
+    outputs = [OutputTensor(TensorSpec(t.name, t.shape, dtype), _producer(t, gates)) for t in planned]
+    config = moe_config(sources, recipe.experts_per_token)
+    with staged_output(out, options.overwrite) as folder:
+        shard_bytes, progress = options.max_shard_bytes, options.progress
+        write_tensors(folder, outputs, max_shard_bytes=shard_bytes, progress=progress, description="assembling")
+        write_config(folder, config, out_dtype=dtype)
+        if options.copy_tokenizer:
+            copy_tokenizer(sources.base.folder, folder)
+        copy_generation_config(sources.base.folder, folder)
+        recipe_text = write_recipe(folder, RECIPE_FILE, recipe_data)
+        write_model_card(
+            folder,
+            title=f"{Path(out).name}: a {sources.target.name} mixture of {len(sources.experts)} experts",
+            base_models=[recipe.base_model, *(e.source_model for e in recipe.experts + recipe.shared_experts)],
+            summary=(
+                f"A {sources.target.name} model assembled with `moemerge-moe`: attention, norms and embeddings from "
+                f"{recipe.base_model}; one expert per dense model below; router from gate_mode `{recipe.gate_mode}`, "
+                f"{recipe.experts_per_token} experts per token."
+            ),
+            recipe_text=recipe_text,
+            extra_tags=["moe", "frankenmoe"],
+        )
+    return Path(out)

@@ -1,0 +1,116 @@
+"""Every output tensor of the MoE, named as transformers' save_pretrained writes it, and where it comes from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from moemerge.architectures import Role, layer_of
+from moemerge.errors import TensorError
+from moemerge.io.loader import LazyModel
+from moemerge.moe.sources import ExpertSource, MoeSources
+
+
+class Origin(str, Enum):
+    COPY = "copy"  # a base or expert tensor, optionally scaled
+    ROUTER = "router"  # one layer's router rows, computed from prompts or a seed
+    SHARED_GATE = "shared_gate"  # one layer's shared-expert gate row
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    origin: Origin
+    model: LazyModel | None = None
+    source_name: str | None = None
+    scale: float = 1.0
+    layer: int | None = None
+
+    def describe(self) -> str:
+        if self.origin is Origin.COPY:
+            assert self.model is not None
+            scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
+            return f"{self.name} {list(self.shape)} <- {self.model.label}:{self.source_name}{scale}"
+        return f"{self.name} {list(self.shape)} <- {self.origin.value}"
+
+
+def _copy(model: LazyModel, source_name: str, name: str, expected: tuple[int, ...], scale: float = 1.0):
+    shape = model.shape(source_name)
+    if shape != expected:
+        raise TensorError(f"model {model.label!r}: tensor {source_name!r} has shape {list(shape)}, expected {expected}")
+    return PlannedTensor(name, shape, Origin.COPY, model, source_name, scale)
+
+
+def _expert_mlp(
+    sources: MoeSources,
+    expert: ExpertSource,
+    layer: int,
+    names: tuple[str, str, str],
+    intermediate: int,
+) -> list[PlannedTensor]:
+    """gate/up [I, H] and down [H, I] of one expert at one layer; residual_scale multiplies down."""
+    dense = expert.arch.dense_mlp
+    assert dense is not None
+    hidden = sources.hidden_size
+    gate_name, up_name, down_name = names
+    return [
+        _copy(expert.model, expert.arch.layer_name(layer, dense.gate), gate_name, (intermediate, hidden)),
+        _copy(expert.model, expert.arch.layer_name(layer, dense.up), up_name, (intermediate, hidden)),
+        _copy(
+            expert.model,
+            expert.arch.layer_name(layer, dense.down),
+            down_name,
+            (hidden, intermediate),
+            expert.entry.residual_scale,
+        ),
+    ]
+
+
+def _layer_tensors(sources: MoeSources, layer: int) -> list[PlannedTensor]:
+    target, moe = sources.target, sources.target.moe
+    assert moe is not None
+    router_shape = (len(sources.experts), sources.hidden_size)
+    planned = [PlannedTensor(target.layer_name(layer, moe.router), router_shape, Origin.ROUTER, layer=layer)]
+    for index, expert in enumerate(sources.experts):
+        names = tuple(
+            target.layer_name(layer, template.format(expert=index))
+            for template in (moe.expert_gate, moe.expert_up, moe.expert_down)
+        )
+        planned += _expert_mlp(sources, expert, layer, names, sources.expert_intermediate)
+    if sources.shared is not None:
+        assert moe.shared_expert is not None and moe.shared_expert_gate is not None
+        shared = moe.shared_expert
+        names = tuple(target.layer_name(layer, suffix) for suffix in (shared.gate, shared.up, shared.down))
+        assert sources.shared_intermediate is not None
+        planned += _expert_mlp(sources, sources.shared, layer, names, sources.shared_intermediate)
+        gate_name = target.layer_name(layer, moe.shared_expert_gate)
+        planned.append(PlannedTensor(gate_name, (1, sources.hidden_size), Origin.SHARED_GATE, layer=layer))
+    return planned
+
+
+def _is_buffer(name: str) -> bool:
+    return name.endswith("rotary_emb.inv_freq")  # old checkpoints saved this buffer; the MoE recomputes it
+
+
+def plan_moe(sources: MoeSources) -> list[PlannedTensor]:
+    """Base tensors except the dense MLPs, then per layer: router, experts, shared expert; in a stable order."""
+    base, base_arch = sources.base, sources.base_arch
+    head: list[PlannedTensor] = []
+    tail: list[PlannedTensor] = []
+    per_layer: dict[int, list[PlannedTensor]] = {layer: [] for layer in range(sources.layers)}
+    for name in sorted(base.names):
+        if _is_buffer(name):
+            continue
+        layer = layer_of(name)
+        role = base_arch.role_of(name)
+        if layer is None:
+            (head if role is Role.EMBEDDING else tail).append(_copy(base, name, name, base.shape(name)))
+        elif role is not Role.MLP:
+            if layer not in per_layer:
+                raise TensorError(f"base_model has tensor {name!r} beyond its {sources.layers} layers")
+            per_layer[layer].append(_copy(base, name, name, base.shape(name)))
+    planned = head
+    for layer in range(sources.layers):
+        planned += per_layer[layer] + _layer_tensors(sources, layer)
+    return planned + tail

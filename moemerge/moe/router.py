@@ -1,0 +1,96 @@
+"""Router weights: one row per expert per layer, from prompt directions or from a seed.
+
+Prompt modes turn each expert's prompts into a direction in the residual stream: mean over the
+positive prompts minus mean over the negative prompts, L2-normalised per layer. A token whose hidden
+state points that way scores highest for that expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from moemerge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PARALLEL_COSINE = 0.99  # rows closer than this cannot separate tokens: the prompts are too similar
+NOISE_SEED_OFFSET = 1_000_003  # keeps router noise independent of random-mode rows for the same seed
+
+
+def last_real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real (mask 1) token, whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
+
+
+def pool_prompts(hidden: torch.Tensor, attention_mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """[batch, tokens, hidden] → [batch, hidden]: the last real token's state, or the mean over real tokens."""
+    if pool == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_real_positions(attention_mask)]
+    if pool == "mean":
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+    raise ValueError(f"unknown pooling {pool!r}")
+
+
+def normalise(vectors: torch.Tensor, what: str) -> torch.Tensor:
+    """L2-normalise along the last dimension; a zero vector means the prompts cancel out."""
+    norms = vectors.norm(dim=-1, keepdim=True)
+    if bool((norms <= 1e-12).any()):
+        raise ConfigError(f"{what}: positive and negative prompts give the same direction; the router row is zero")
+    return vectors / norms
+
+
+def prompt_direction(positive_mean: torch.Tensor, negative_mean: torch.Tensor | None, what: str) -> torch.Tensor:
+    """normalise(mean(positive) - mean(negative)) per layer; inputs are [layers, hidden]."""
+    direction = positive_mean if negative_mean is None else positive_mean - negative_mean
+    return normalise(direction.float(), what)
+
+
+def random_rows(layers: int, experts: int, hidden: int, seed: int, uniform: bool) -> torch.Tensor:
+    """[layers, experts, hidden]: standard normal, or uniform in ±1/sqrt(hidden)."""
+    generator = torch.Generator().manual_seed(seed)
+    if uniform:
+        bound = 1.0 / math.sqrt(hidden)
+        return (torch.rand((layers, experts, hidden), generator=generator) * 2 - 1) * bound
+    return torch.randn((layers, experts, hidden), generator=generator)
+
+
+def add_noise(rows: torch.Tensor, noise: list[float], seed: int) -> torch.Tensor:
+    """rows[:, e] += noise[e] * N(0, 1), from a generator derived from the seed (same seed, same noise)."""
+    generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
+    draws = torch.randn(rows.shape, generator=generator)
+    scale = torch.tensor(noise, dtype=rows.dtype).view(1, -1, 1)
+    return rows + scale * draws.to(rows.dtype)
+
+
+def parallel_pairs(rows: torch.Tensor, threshold: float = PARALLEL_COSINE) -> dict[tuple[int, int], int]:
+    """(expert i, expert j) → number of layers where their rows' cosine exceeds the threshold."""
+    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cosine = unit @ unit.transpose(1, 2)  # [layers, experts, experts]
+    pairs: dict[tuple[int, int], int] = {}
+    experts = rows.shape[1]
+    for i in range(experts):
+        for j in range(i + 1, experts):
+            count = int((cosine[:, i, j] > threshold).sum())
+            if count:
+                pairs[(i, j)] = count
+    return pairs
+
+
+def warn_parallel(rows: torch.Tensor) -> None:
+    layers = rows.shape[0]
+    for (i, j), count in parallel_pairs(rows).items():
+        log.warning(
+            "experts[%d] and experts[%d] have nearly parallel router rows (cosine > %.2f) in %d of %d layers: "
+            "their prompts are too similar for the router to tell them apart",
+            i,
+            j,
+            PARALLEL_COSINE,
+            count,
+            layers,
+        )

@@ -1,0 +1,144 @@
+"""Which MoE architecture a recipe builds, and whether its dense models fit together (configs only, no tensors)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from moemerge.architectures import Architecture, find_architecture, layer_count, require_architecture
+from moemerge.config.moe_recipe import ExpertEntry, MoeRecipe
+from moemerge.errors import ConfigError, MoemergeError
+from moemerge.io.loader import LazyModel, ModelPool
+
+log = logging.getLogger(__name__)
+
+# Dense model types each MoE architecture can be built from (same attention, same MLP names).
+DENSE_BASES: dict[str, tuple[str, ...]] = {
+    "mixtral": ("llama", "mistral"),
+    "qwen2_moe": ("qwen2",),
+    "qwen3_moe": ("qwen3",),
+}
+# Why a base type cannot become an architecture, where the reason is not obvious.
+INCOMPATIBLE_REASONS: dict[tuple[str, str], str] = {
+    ("qwen3", "mixtral"): "Mixtral attention has no q_norm/k_norm; use architecture qwen3_moe",
+    ("qwen2", "mixtral"): "Mixtral attention has no q/k/v biases; use architecture qwen2_moe with a shared expert",
+}
+SIZE_KEYS = ("hidden_size", "intermediate_size", "vocab_size")
+
+
+@dataclass(frozen=True)
+class ExpertSource:
+    """One expert's dense model, opened lazily, with its recipe entry."""
+
+    label: str  # recipe location, e.g. "experts[1]"
+    entry: ExpertEntry
+    model: LazyModel
+    arch: Architecture
+
+
+@dataclass(frozen=True)
+class MoeSources:
+    base: LazyModel
+    base_arch: Architecture
+    target: Architecture
+    experts: list[ExpertSource]
+    shared: ExpertSource | None
+    layers: int
+    hidden_size: int
+    expert_intermediate: int
+    shared_intermediate: int | None
+
+
+def infer_architecture(recipe: MoeRecipe, base_type: str) -> str:
+    """The recipe's architecture, or the one the base model implies (mergekit-moe's rules)."""
+    if recipe.architecture:
+        return recipe.architecture
+    if recipe.shared_experts:
+        return "qwen2_moe"
+    if base_type == "qwen3":
+        return "qwen3_moe"
+    if base_type == "qwen2":
+        return "qwen2_moe"
+    return "mixtral"
+
+
+def _open(pool: ModelPool, reference: str, label: str) -> LazyModel:
+    try:
+        return pool.get(reference)
+    except MoemergeError as error:
+        raise type(error)(f"{label}: {error}") from None
+
+
+def _text_config(config: dict) -> dict:
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) and "hidden_size" not in config else config
+
+
+def _check_dense_expert(
+    source: ExpertSource, base_config: dict, base_layers: int, target: Architecture, same_intermediate: bool
+) -> None:
+    where = f"{source.label}.source_model ({source.entry.source_model})"
+    model_type = source.model.config.get("model_type")
+    if source.arch.dense_mlp is None or model_type not in DENSE_BASES[target.name]:
+        raise ConfigError(
+            f"{where}: a {model_type!r} model cannot be an expert of {target.name} "
+            f"(expected one of {', '.join(DENSE_BASES[target.name])})"
+        )
+    config = _text_config(source.model.config)
+    keys = SIZE_KEYS if same_intermediate else tuple(k for k in SIZE_KEYS if k != "intermediate_size")
+    for key in keys:
+        if config.get(key) != base_config.get(key):
+            raise ConfigError(f"{where}: {key} {config.get(key)} differs from base_model's {base_config.get(key)}")
+    layers = layer_count(source.model.config, source.arch)
+    if layers != base_layers:
+        raise ConfigError(f"{where}: {layers} layers, but base_model has {base_layers}")
+
+
+def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
+    """Open every model (headers only) and check that they can form the requested MoE."""
+    base = _open(pool, recipe.base_model, "base_model")
+    base_type = base.config.get("model_type")
+    base_arch = require_architecture(base.config, model_label="base_model", need="MoE assembly")
+    target_name = infer_architecture(recipe, base_type)
+    target = find_architecture(target_name)
+    assert target is not None and target.moe is not None, target_name
+    if base_type not in DENSE_BASES[target_name]:
+        reason = INCOMPATIBLE_REASONS.get(
+            (base_type, target_name), f"{target_name} is built from {' or '.join(DENSE_BASES[target_name])} models"
+        )
+        raise ConfigError(f"architecture {target_name!r} cannot be built from a {base_type!r} base_model: {reason}")
+    if recipe.shared_experts and target.moe.shared_expert is None:
+        raise ConfigError(f"shared_experts: architecture {target_name!r} has no shared expert (only qwen2_moe has)")
+    if target.moe.shared_expert is not None and not recipe.shared_experts:
+        raise ConfigError(f"shared_experts: architecture {target_name!r} needs exactly one shared expert")
+    base_config = _text_config(base.config)
+    if base_config.get("attention_bias") or base_config.get("mlp_bias"):
+        if target_name == "mixtral":
+            raise ConfigError("base_model has attention or MLP biases, which Mixtral cannot hold")
+    layers = layer_count(base.config, base_arch)
+
+    def source(label: str, entry: ExpertEntry, same_intermediate: bool) -> ExpertSource:
+        model = _open(pool, entry.source_model, f"{label}.source_model")
+        arch = require_architecture(model.config, model_label=f"{label}.source_model", need="an MoE expert")
+        expert = ExpertSource(label, entry, model, arch)
+        _check_dense_expert(expert, base_config, layers, target, same_intermediate)
+        return expert
+
+    experts = [source(f"experts[{i}]", entry, True) for i, entry in enumerate(recipe.experts)]
+    shared = source("shared_experts[0]", recipe.shared_experts[0], False) if recipe.shared_experts else None
+    if len({expert.model.folder for expert in experts}) == 1 and len(experts) > 1:
+        log.warning(
+            "every expert is the same model (%s): the MoE will behave like that one dense model",
+            recipe.experts[0].source_model,
+        )
+    return MoeSources(
+        base=base,
+        base_arch=base_arch,
+        target=target,
+        experts=experts,
+        shared=shared,
+        layers=layers,
+        hidden_size=int(base_config["hidden_size"]),
+        expert_intermediate=int(base_config["intermediate_size"]),
+        shared_intermediate=int(_text_config(shared.model.config)["intermediate_size"]) if shared else None,
+    )
