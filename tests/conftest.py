@@ -21,8 +21,9 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models = {"base": base}
     for name, seed in (("coder", 1), ("math", 2), ("story", 3)):
         models[name] = make_toy_model(root / name, "llama", seed=seed, base=base, delta_scale=0.05)
-    models["coder_bin"] = make_toy_model(root / "coder_bin", "llama", seed=1, base=base, delta_scale=0.05,
-                                         weights_format="bin")
+    models["coder_bin"] = make_toy_model(
+        root / "coder_bin", "llama", seed=1, base=base, delta_scale=0.05, weights_format="bin"
+    )
     models["mistral_base"] = make_toy_model(root / "mistral_base", "mistral", seed=10)
     models["mistral_ft"] = make_toy_model(root / "mistral_ft", "mistral", seed=11, base=models["mistral_base"])
     models["wide"] = make_toy_model(root / "wide", "llama", seed=5, intermediate_size=96)

@@ -39,7 +39,10 @@ def test_out_dtype_overrides_saved_dtype(write_recipe):
         ({"merge_method": "linear"}, "exactly one of 'models' or 'slices'"),
         ({"models": [{"model": "a"}]}, "merge_method: required key is missing"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float17"}, "unknown dtype 'float17'"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "'union' is not supported"),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"},
+            "'union' is not supported",
+        ),
         (
             {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
             "slices[0].sources[0].layer_range",
@@ -47,9 +50,7 @@ def test_out_dtype_overrides_saved_dtype(write_recipe):
         (
             {
                 "merge_method": "slerp",
-                "slices": [
-                    {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}
-                ],
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
             },
             "same number of layers",
         ),

@@ -83,11 +83,17 @@ quiet_option = click.option("--quiet", is_flag=True, help="Only warnings and err
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
+    """moemerge's own messages go to stderr as `LEVEL: message`; other libraries stay quiet unless --verbose."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    if not verbose:
-        for noisy in ("transformers", "huggingface_hub", "accelerate"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    for old in [handler for handler in log.handlers if getattr(handler, "moemerge", False)]:
+        log.removeHandler(old)  # a fresh handler per run binds to the current sys.stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.moemerge = True
+    log.addHandler(handler)
+    log.setLevel(level)
+    for library in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(library).setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -100,8 +100,11 @@ def _check_sources(recipe: MergeRecipe, method: MergeMethod, slices: list[Output
             raise ConfigError(
                 f"{label}: {method.name} takes exactly one model per slice, got {len(output_slice.sources)}"
             )
-        if method.name == "slerp" and len(others) != 1:
-            raise ConfigError(f"{label}: slerp merges exactly two models: base_model and one other")
+        if method.model_count is not None and len(others) != method.model_count:
+            raise ConfigError(
+                f"{label}: {method.name} merges base_model with exactly {method.model_count} other model(s), "
+                f"got {len(others)}"
+            )
         if method.uses_base and not others:
             raise ConfigError(f"{label}: {method.name} needs at least one model besides base_model {base!r}")
 
