@@ -56,7 +56,9 @@ class MoeLayout:
     shared_expert: DenseMlp | None = None
     shared_expert_gate: str | None = None
     shared_intermediate_key: str | None = None
-    dense_model_type: str = "mistral"  # the dense architecture one expert becomes
+    # The dense architecture one expert becomes; None where transformers has no dense twin with the same layer
+    # structure (OLMoE is pre-norm, OLMo2 post-norm: an OLMoE expert cannot be written as an OLMo2 model).
+    dense_model_type: str | None = "mistral"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ MIXTRAL_MOE = MoeLayout(
 )
 
 
-def _qwen_style_moe(dense_model_type: str, shared: bool = False) -> MoeLayout:
+def _qwen_style_moe(dense_model_type: str | None, shared: bool = False) -> MoeLayout:
     return MoeLayout(
         router="mlp.gate.weight",
         expert_gate="mlp.experts.{expert}.gate_proj.weight",
@@ -161,7 +163,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("mixtral", ("mixtral",), dense_mlp=None, moe=MIXTRAL_MOE),
     Architecture("qwen2_moe", ("qwen2_moe",), dense_mlp=None, moe=_qwen_style_moe("qwen2", shared=True)),
     Architecture("qwen3_moe", ("qwen3_moe",), dense_mlp=None, moe=_qwen_style_moe("qwen3")),
-    Architecture("olmoe", ("olmoe",), dense_mlp=None, moe=_qwen_style_moe("olmo2")),
+    Architecture("olmoe", ("olmoe",), dense_mlp=None, moe=_qwen_style_moe(None)),
 )
 
 UNKNOWN = Architecture("unknown", (), dense_mlp=None)

@@ -1,0 +1,70 @@
+"""Write a smaller MoE: keep K experts per layer, renumber them 0..K-1 and slice the router rows to match.
+
+The kept experts' weights are copied bit for bit and the router keeps their rows in the same order,
+so a token whose top-k experts all survive is routed to the same experts; with renormalised top-k
+weights (Mixtral, or `norm_topk_prob: true`) it gets the same weights and the same output. Without
+renormalisation (Qwen2-MoE/Qwen3-MoE/OLMoE default) the softmax runs over fewer experts, so the
+surviving weights grow a little even for such tokens.
+"""
+
+from __future__ import annotations
+
+from moemerge.architectures import Role
+from moemerge.errors import MoemergeError
+from moemerge.executor import OutputTensor
+from moemerge.io.writer import TensorSpec
+from moemerge.split.dense import in_layer_order
+from moemerge.split.experts import EXPERT_COUNT_KEYS, MoeSource
+
+SHARED_ROLES = (Role.SHARED_EXPERT, Role.SHARED_EXPERT_GATE)  # always on, kept as they are
+
+
+def check_prune_count(source: MoeSource, count: int) -> None:
+    if not 1 <= count < source.num_experts:
+        raise MoemergeError(
+            f"--prune-to {count}: K must be at least 1 and less than the model's {source.num_experts} experts"
+        )
+
+
+def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTensor]:
+    """Every output tensor of the pruned MoE, in the on-disk per-expert layout whatever the input layout."""
+    model = source.model
+    outputs = [
+        OutputTensor(TensorSpec(name, model.shape(name), model.dtype(name)), lambda name=name: model.read(name))
+        for name in model.names
+        if not source.is_expert_tensor(name) or source.arch.role_of(name) in SHARED_ROLES
+    ]
+    for layer in source.moe_layers:
+        experts = kept[layer]
+        router = source.router_name(layer)
+        router_name = source.arch.layer_name(layer, source.moe.router)
+        hidden = model.shape(router)[1]
+        outputs.append(
+            OutputTensor(
+                TensorSpec(router_name, (len(experts), hidden), model.dtype(router)),
+                lambda router=router, experts=experts: model.read(router)[experts].contiguous(),
+            )
+        )
+        for new_index, old_index in enumerate(experts):
+            for part in ("gate", "up", "down"):
+                spec = TensorSpec(
+                    source.expert_name(layer, new_index, part),
+                    source.part_shape(layer, part),
+                    source.part_dtype(layer),
+                )
+                outputs.append(
+                    OutputTensor(
+                        spec, lambda layer=layer, old=old_index, part=part: source.expert_part(layer, old, part)
+                    )
+                )
+    return in_layer_order(outputs)
+
+
+def pruned_config(source: MoeSource, count: int) -> dict:
+    """The MoE's config.json with K experts and at most K experts per token."""
+    config = dict(source.config)
+    keys = [key for key in EXPERT_COUNT_KEYS if key in config] or [source.moe.expert_count_key]
+    for key in keys:
+        config[key] = count
+    config[source.moe.experts_per_token_key] = min(source.experts_per_token, count)
+    return config
