@@ -1,0 +1,83 @@
+"""Every registered method: parameter models reject unknown keys, require what has no default, use YAML names."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from moemerge.errors import ConfigError
+from moemerge.methods import METHODS, get_method
+
+ALL = ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough"]
+ALL += ["breadcrumbs", "breadcrumbs_ties"]
+TASK_VECTOR = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def test_catalogue_registers_every_method() -> None:
+    get_method("linear")
+    assert sorted(METHODS) == sorted(ALL)
+    with pytest.raises(ConfigError, match="merge_method: unknown method 'tiez'"):
+        get_method("tiez")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_keys_are_rejected(name: str) -> None:
+    method = get_method(name)
+    for params_type in (method.model_params, method.method_params):
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            params_type.model_validate({"wieght": 1.0})
+
+
+@pytest.mark.parametrize(
+    "name, required_model, required_method",
+    [
+        ("linear", {"weight"}, set()),
+        ("slerp", set(), {"t"}),
+        ("task_arithmetic", {"weight"}, set()),
+        ("ties", {"weight"}, set()),
+        ("dare_ties", {"weight"}, set()),
+        ("dare_linear", {"weight"}, set()),
+        ("passthrough", set(), set()),
+        ("breadcrumbs", {"weight"}, set()),
+    ],
+)
+def test_required_parameters(name: str, required_model: set[str], required_method: set[str]) -> None:
+    method = get_method(name)
+    for params_type, required in ((method.model_params, required_model), (method.method_params, required_method)):
+        if required:
+            with pytest.raises(ValidationError) as error:
+                params_type.model_validate({})
+            assert {e["loc"][0] for e in error.value.errors() if e["type"] == "missing"} == required
+        else:
+            params_type.model_validate({})
+
+
+@pytest.mark.parametrize("name", TASK_VECTOR)
+def test_task_vector_methods_take_lambda_and_int8_mask(name: str) -> None:
+    params = get_method(name).method_params.model_validate({"lambda": 0.5, "int8_mask": 1.0})
+    assert params.lambda_ == 0.5 and params.int8_mask is True
+    assert get_method(name).uses_base
+
+
+def test_defaults_match_mergekit() -> None:
+    defaults = {name: get_method(name).method_params.model_validate({}) for name in TASK_VECTOR + ["linear"]}
+    assert defaults["linear"].normalize is True
+    assert defaults["task_arithmetic"].normalize is False
+    assert defaults["ties"].normalize is True
+    assert defaults["dare_ties"].normalize is False and defaults["dare_ties"].rescale is True
+    assert all(defaults[name].lambda_ == 1.0 for name in TASK_VECTOR)
+    assert get_method("ties").model_params.model_validate({"weight": 1}).density == 1.0
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5])
+def test_density_outside_unit_interval_is_rejected(density: float) -> None:
+    for name in ("ties", "dare_ties", "breadcrumbs"):
+        with pytest.raises(ValidationError, match="density"):
+            get_method(name).model_params.model_validate({"weight": 1.0, "density": density})
+
+
+def test_method_shapes() -> None:
+    assert get_method("slerp").model_count == 1 and get_method("slerp").uses_base
+    assert not get_method("linear").uses_base
+    with pytest.raises(ValidationError):
+        get_method("linear").method_params.model_validate({"int8_mask": True})
