@@ -28,6 +28,7 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = True
     max_memory: int | None = None
+    workers: int | None = None
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -84,7 +85,12 @@ def run_merge(
 ) -> Path:
     """Write the merged model folder at `out`, atomically."""
     outputs = [
-        OutputTensor(merge.spec, lambda merge=merge: merge_tensor(plan, merge, pool, options)) for merge in plan.merges
+        OutputTensor(
+            merge.spec,
+            lambda merge=merge: merge_tensor(plan, merge, pool, options),
+            sources=tuple((pool.get(item.model), item.name) for item in (*merge.inputs, *filter(None, [merge.base]))),
+        )
+        for merge in plan.merges
     ]
     with staged_output(out, options.overwrite) as folder:
         write_tensors(
@@ -93,6 +99,8 @@ def run_merge(
             max_shard_bytes=options.out_shard_size,
             progress=options.progress,
             description=f"{plan.method.name} merge",
+            max_memory=options.max_memory,
+            workers=options.workers,
         )
         reference_folder = pool.get(plan.reference).folder
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)

@@ -10,6 +10,7 @@ from moemerge.cli.options import (
     copy_tokenizer_option,
     device_option,
     dry_run_option,
+    max_memory_option,
     overwrite_option,
     quiet_option,
     resolve_device,
@@ -18,6 +19,7 @@ from moemerge.cli.options import (
     trust_remote_code_option,
     user_errors,
     verbose_option,
+    workers_option,
 )
 from moemerge.config.merge_recipe import load_merge_recipe
 from moemerge.io.loader import ModelPool
@@ -32,6 +34,8 @@ from moemerge.plan.dense_plan import plan_merge
 @device_option
 @seed_option
 @shard_size_option
+@max_memory_option
+@workers_option
 @copy_tokenizer_option
 @click.option("--allow-crimes", is_flag=True, help="Skip inputs whose tensor shapes do not match instead of failing.")
 @trust_remote_code_option
@@ -55,6 +59,8 @@ def main(
     device: str,
     random_seed: int,
     out_shard_size: int,
+    max_memory: int,
+    workers: int | None,
     copy_tokenizer: bool,
     allow_crimes: bool,
     trust_remote_code: bool,
@@ -79,6 +85,8 @@ def main(
         device=device,
         random_seed=random_seed,
         out_shard_size=out_shard_size,
+        max_memory=max_memory,
+        workers=workers,
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
         progress=not quiet,
