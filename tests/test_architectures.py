@@ -1,0 +1,69 @@
+"""The architecture table: roles of tensor names, layer renumbering, and the unknown-architecture fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from moemerge.architectures import (
+    Role,
+    architecture_for_config,
+    find_architecture,
+    layer_count,
+    layer_of,
+    require_architecture,
+    with_layer,
+)
+from moemerge.errors import MoemergeError
+
+
+@pytest.mark.parametrize(
+    ("model_type", "name", "role"),
+    [
+        ("llama", "model.embed_tokens.weight", Role.EMBEDDING),
+        ("llama", "lm_head.weight", Role.LM_HEAD),
+        ("qwen3", "model.norm.weight", Role.FINAL_NORM),
+        ("qwen3", "model.layers.7.self_attn.q_norm.weight", Role.ATTENTION),
+        ("mistral", "model.layers.0.mlp.down_proj.weight", Role.MLP),
+        ("gemma2", "model.layers.3.pre_feedforward_layernorm.weight", Role.NORM),
+        ("mixtral", "model.layers.2.block_sparse_moe.gate.weight", Role.ROUTER),
+        ("mixtral", "model.layers.2.block_sparse_moe.experts.7.w2.weight", Role.EXPERT),
+        ("qwen2_moe", "model.layers.1.mlp.experts.59.up_proj.weight", Role.EXPERT),
+        ("qwen2_moe", "model.layers.1.mlp.shared_expert.down_proj.weight", Role.SHARED_EXPERT),
+        ("qwen2_moe", "model.layers.1.mlp.shared_expert_gate.weight", Role.SHARED_EXPERT_GATE),
+        ("qwen3_moe", "model.layers.1.mlp.gate.weight", Role.ROUTER),
+        ("olmoe", "model.layers.0.mlp.experts.3.gate_proj.weight", Role.EXPERT),
+    ],
+)
+def test_roles(model_type, name, role):
+    assert find_architecture(model_type).role_of(name) == role
+
+
+def test_layer_renumbering():
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_of("model.norm.weight") is None
+    assert with_layer("model.layers.12.mlp.up_proj.weight", 3) == "model.layers.3.mlp.up_proj.weight"
+    assert with_layer("model.language_model.layers.1.x", 20) == "model.language_model.layers.20.x"
+
+
+def test_moe_layout_templates_name_experts():
+    moe = find_architecture("mixtral").moe
+    assert moe.expert_gate.format(expert=3) == "block_sparse_moe.experts.3.w1.weight"
+    assert moe.expert_count_key == "num_local_experts" and moe.dense_model_type == "mistral"
+    assert find_architecture("qwen2_moe").moe.shared_expert is not None
+    assert find_architecture("qwen3_moe").moe.shared_expert is None
+
+
+def test_unknown_architecture_warns_and_falls_back(caplog):
+    with caplog.at_level(logging.WARNING):
+        arch = architecture_for_config({"model_type": "falcon-x"}, model_label="m")
+    assert arch.name == "unknown" and "falcon-x" in caplog.text
+    with pytest.raises(MoemergeError, match="'falcon-x' is not supported for MoE assembly"):
+        require_architecture({"model_type": "falcon-x"}, model_label="m", need="MoE assembly")
+
+
+def test_layer_count_reads_the_configured_key():
+    assert layer_count({"num_hidden_layers": 5}, find_architecture("llama")) == 5
+    with pytest.raises(MoemergeError, match="num_hidden_layers"):
+        layer_count({}, find_architecture("llama"))
