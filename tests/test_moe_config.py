@@ -1,0 +1,65 @@
+"""The MoE config.json built from a dense base config, read back by transformers' own config classes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoConfig
+
+from moemerge.architectures import find_architecture
+from moemerge.moe.config import moe_config
+from moemerge.toys import toy_config
+
+
+def sources_for(base_type: str, target: str, experts: int = 3, shared_intermediate: int | None = None, **overrides):
+    base_config = toy_config(base_type, **overrides).to_dict()
+    return SimpleNamespace(
+        base=SimpleNamespace(config=base_config),
+        target=find_architecture(target),
+        experts=[object()] * experts,
+        expert_intermediate=base_config["intermediate_size"],
+        shared_intermediate=shared_intermediate,
+    )
+
+
+def load(config: dict):
+    return AutoConfig.for_model(**config)
+
+
+def test_mixtral_from_mistral_keeps_attention_and_rope():
+    sources = sources_for("mistral", "mixtral", sliding_window=32, rope_theta=5e5)
+    config = moe_config(sources, experts_per_token=2)
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    loaded = load(config)
+    assert loaded.model_type == "mixtral"
+    assert (loaded.num_local_experts, loaded.num_experts_per_tok, loaded.intermediate_size) == (3, 2, 128)
+    assert loaded.sliding_window == 32
+    assert loaded.rope_parameters["rope_theta"] == pytest.approx(5e5)
+    assert (loaded.num_attention_heads, loaded.num_key_value_heads, loaded.hidden_size) == (4, 2, 64)
+
+
+def test_mixtral_from_llama_drops_llama_only_keys():
+    config = moe_config(sources_for("llama", "mixtral"), experts_per_token=1)
+    assert "pretraining_tp" not in config and "mlp_bias" not in config and "attention_bias" not in config
+    assert config["sliding_window"] is None
+    assert load(config).num_experts_per_tok == 1
+
+
+def test_qwen3_moe_renormalises_and_makes_every_layer_sparse():
+    config = moe_config(sources_for("qwen3", "qwen3_moe", experts=4), experts_per_token=2)
+    loaded = load(config)
+    assert loaded.model_type == "qwen3_moe"
+    assert loaded.num_experts == 4  # written as mergekit/Qwen checkpoints do; transformers maps it
+    assert loaded.moe_intermediate_size == 128
+    assert loaded.norm_topk_prob is True
+    assert loaded.decoder_sparse_step == 1 and loaded.mlp_only_layers == []
+    assert loaded.head_dim == 16
+
+
+def test_qwen2_moe_has_shared_expert_size_and_biases():
+    config = moe_config(sources_for("qwen2", "qwen2_moe", experts=2, shared_intermediate=96), experts_per_token=1)
+    loaded = load(config)
+    assert (loaded.num_experts, loaded.moe_intermediate_size, loaded.shared_expert_intermediate_size) == (2, 128, 96)
+    assert loaded.qkv_bias is True and loaded.norm_topk_prob is True
+    assert loaded.mlp_only_layers == [] and loaded.decoder_sparse_step == 1
