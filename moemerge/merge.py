@@ -106,9 +106,7 @@ def run_merge(
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)
         copy_generation_config(reference_folder, folder)
         if options.copy_tokenizer:
-            source = recipe.tokenizer_source
-            tokenizer_folder = reference_folder if source in (None, "base") else pool.get(source).folder
-            copy_tokenizer(tokenizer_folder, folder)
+            copy_tokenizer(plan.tokenizer_folder, folder)
         (folder / "moemerge_config.yml").write_text(recipe_text)
         base = f" with {recipe.base_model} as the base" if recipe.base_model else ""
         write_model_card(

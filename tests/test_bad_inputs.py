@@ -46,7 +46,7 @@ CASES = {
     "unknown method": (lambda m: {**linear(m["coder"]), "merge_method": "tiez"}, ["merge_method", "'tiez'"]),
     "typo in a parameter": (
         lambda m: {"merge_method": "linear", "models": [{"model": str(m["coder"]), "parameters": {"wieght": 1}}]},
-        ["models.sources[0].parameters.wieght", "unknown parameter"],
+        ["models[0].parameters.wieght", "unknown parameter"],
     ),
     "missing required parameter": (
         lambda m: {"merge_method": "linear", "models": [{"model": str(m["coder"])}]},
@@ -92,10 +92,17 @@ CASES = {
         },
         ["slices[0]", "[2, 9]", "4 layers"],
     ),
-    "mismatched shapes": (lambda m: linear(m["coder"], m["wide"]), ["mlp.down_proj", "[64, 96]", "[64, 128]", "--allow-crimes"]),
+    "mismatched shapes": (
+        lambda m: linear(m["coder"], m["wide"]),
+        ["mlp.down_proj", "[64, 96]", "[64, 128]", "--allow-crimes"],
+    ),
     "different layer counts": (lambda m: linear(m["coder"], m["deep"]), ["layer counts differ"]),
     "bad dtype": (lambda m: {**linear(m["coder"]), "dtype": "float8"}, ["dtype", "'float8'"]),
     "tokenizer union": (lambda m: {**linear(m["coder"]), "tokenizer_source": "union"}, ["tokenizer_source", "union"]),
+    "missing tokenizer source": (
+        lambda m: {**linear(m["coder"]), "tokenizer_source": "/nonexistent/tokenizer"},
+        ["'/nonexistent/tokenizer'", "not found"],
+    ),
     "empty models list": (lambda m: {"merge_method": "linear", "models": []}, ["'models' is empty"]),
 }
 

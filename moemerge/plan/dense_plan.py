@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,7 @@ class MergePlan:
     config: dict
     layer_count: int
     math_dtype: torch.dtype
+    tokenizer_folder: Path
     models: list[str] = field(default_factory=list)
 
     @property
@@ -95,7 +97,8 @@ def _check_sources(recipe: MergeRecipe, method: MergeMethod, slices: list[Output
         label = where if recipe.slices is None else f"slices[{index}]"
         check_names(method, output_slice.parameters, f"{label}.parameters")
         for position, source in enumerate(output_slice.sources):
-            check_names(method, source.parameters, f"{label}.sources[{position}].parameters")
+            source_label = f"models[{position}]" if recipe.slices is None else f"{label}.sources[{position}]"
+            check_names(method, source.parameters, f"{source_label}.parameters")
         if method.single_source and len(output_slice.sources) != 1:
             raise ConfigError(
                 f"{label}: {method.name} takes exactly one model per slice, got {len(output_slice.sources)}"
@@ -138,7 +141,11 @@ class _Planner:
         if self.recipe.base_model and self.recipe.base_model not in models:
             models.append(self.recipe.base_model)
         math_dtype = self.recipe.math_dtype or torch.float32
-        return MergePlan(self.method, self.merges, self.reference, config, offset, math_dtype, models)
+        source = self.recipe.tokenizer_source
+        tokenizer_model = self.reference_model if source in (None, "base") else self.pool.get(source)
+        return MergePlan(
+            self.method, self.merges, self.reference, config, offset, math_dtype, tokenizer_model.folder, models
+        )
 
     def _model_level_names(self) -> tuple[list[str], list[str]]:
         """Tensors outside the layers: embeddings (from the first slice) and final norm/lm_head (from the last)."""
