@@ -9,6 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
+from split_fixtures import split_models  # noqa: F401  (session fixture of the moemerge-split tests)
 
 from moemerge.toys import make_toy_model
 
