@@ -96,9 +96,13 @@ class ShardedWriter:
         self._location: dict[str, tuple[str, int, int]] = {}  # name -> (shard file, fd, absolute offset)
         self._files: list[tuple[str, int]] = []
         shards = assign_shards(specs, max_shard_bytes)
-        for number, shard in enumerate(shards, start=1):
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            self._open_shard(file_name, shard)
+        try:
+            for number, shard in enumerate(shards, start=1):
+                file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                self._open_shard(file_name, shard)
+        except BaseException:
+            self.abort()  # close the shards already opened; the staged folder is deleted by the caller
+            raise
 
     def _open_shard(self, file_name: str, shard: Sequence[TensorSpec]) -> None:
         header, offsets = _header(shard)
