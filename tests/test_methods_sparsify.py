@@ -9,6 +9,7 @@ from methods_support import top_k_by_sort
 from moemerge.methods.sparsify import (
     drop_random,
     keep_count,
+    kth_largest,
     prune_magnitude,
     prune_outliers,
     top_magnitude_mask,
@@ -47,6 +48,15 @@ def test_top_k_matches_full_sort_with_many_ties(device: str, dtype: torch.dtype,
     assert mask.shape == delta.shape and mask.device.type == device
     assert int(mask.sum()) == k
     assert kept_positions(mask) == top_k_by_sort(delta.reshape(-1).cpu().double().tolist(), k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_largest_matches_sorted_order(device: str, dtype: torch.dtype) -> None:
+    values = torch.randint(0, 9, (501,), generator=torch.Generator().manual_seed(4)).to(dtype).to(device)
+    descending = sorted(values.cpu().double().tolist(), reverse=True)
+    for k in (1, 2, 100, 250, 251, 400, 500, 501):
+        assert float(kth_largest(values, k)) == descending[k - 1], k
 
 
 def test_pruned_count_is_exactly_int_density_times_numel() -> None:

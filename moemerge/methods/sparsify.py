@@ -17,9 +17,9 @@ def keep_count(density: float, numel: int) -> int:
 def top_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k entries with the largest |value|, same shape as `values`.
 
-    Selection instead of a full sort: `kthvalue` finds the k-th largest magnitude (the threshold) in linear time;
-    every entry above it is kept, and the remaining slots go to the entries equal to the threshold in order of
-    their flat (row-major) index, lowest first. That tie rule makes the mask deterministic on every device.
+    Selection instead of a full sort: `kth_largest` finds the k-th largest magnitude (the threshold); every entry
+    above it is kept, and the remaining slots go to the entries equal to the threshold in order of their flat
+    (row-major) index, lowest first. That tie rule makes the mask deterministic and the same on every device.
     """
     numel = values.numel()
     if k <= 0:
@@ -27,7 +27,7 @@ def top_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if k >= numel:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     magnitude = values.detach().abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, numel - k + 1).values  # k-th largest = (n-k+1)-th smallest
+    threshold = kth_largest(magnitude, k)
     keep = magnitude > threshold
     at_threshold = magnitude == threshold
     missing = k - int(keep.sum())
@@ -37,6 +37,20 @@ def top_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         tied_positions = torch.nonzero(at_threshold).reshape(-1)[:missing]  # nonzero lists positions ascending
         keep[tied_positions] = True
     return keep.reshape(values.shape)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-d tensor (1 ≤ k ≤ numel), by selection rather than a full sort.
+
+    On the CPU `kthvalue` is a linear-time quickselect; on CUDA it runs one thread block per slice and is ~100×
+    slower than the radix-select behind `topk`, so there the threshold comes from the smaller side's topk.
+    """
+    numel = values.numel()
+    if values.device.type == "cpu":
+        return torch.kthvalue(values, numel - k + 1).values  # k-th largest = (n − k + 1)-th smallest
+    if k <= numel - k + 1:
+        return torch.topk(values, k, sorted=False).values.min()
+    return torch.topk(values, numel - k + 1, largest=False, sorted=False).values.max()
 
 
 def prune_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
