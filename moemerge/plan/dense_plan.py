@@ -127,7 +127,7 @@ class _Planner:
         self.slices = _normalised_slices(recipe, self.method, pool, self.arch)
         _check_sources(recipe, self.method, self.slices)
         self.merges: list[TensorMerge] = []
-        self.source_layers: list[int] = []  # output layer -> reference-model layer it came from
+        self.source_layers: list[tuple[str, int]] = []  # output layer -> (model, layer) it came from
 
     def plan(self) -> MergePlan:
         pre, post = self._model_level_names()
@@ -194,7 +194,7 @@ class _Planner:
                     base_start = (base_source or first).layer_range[0]
                     base_input = (base, with_layer(name, base_start + step))
                 self._add(with_layer(name, offset + step), inputs, base_input, output_slice, t=t)
-            self.source_layers.append(start + step)
+            self.source_layers.append((template.model, start + step))
         return offset + length
 
     def _check_range(self, index: int, source: SliceSource) -> None:
@@ -271,14 +271,20 @@ class _Planner:
     def _output_config(self, total_layers: int) -> dict:
         config = dict(self.reference_model.config)
         old_layers = _model_layers(self.reference_model, self.arch)
-        if total_layers != old_layers or self.source_layers != list(range(old_layers)):
-            key = self.arch.layer_count_key
-            config[key] = total_layers
-            for name, value in list(config.items()):
-                # per-layer settings (e.g. layer_types) follow the layers they describe
-                if isinstance(value, list) and len(value) == old_layers and name != "architectures":
-                    config[name] = [value[layer] for layer in self.source_layers]
+        if [layer for _, layer in self.source_layers] == list(range(old_layers)):
+            return config
+        config[self.arch.layer_count_key] = total_layers
+        for key, value in list(config.items()):
+            # per-layer settings (e.g. layer_types) follow the layers they describe, from the model they came from
+            if isinstance(value, list) and len(value) == old_layers and key != "architectures":
+                config[key] = [self._per_layer_setting(key, model, layer) for model, layer in self.source_layers]
         return config
+
+    def _per_layer_setting(self, key: str, model: str, layer: int):
+        values = self.pool.get(model).config.get(key)
+        if not isinstance(values, list) or layer >= len(values):
+            values = self.reference_model.config[key]
+        return values[layer]
 
 
 def plan_merge(recipe: MergeRecipe, pool: ModelPool, *, allow_crimes: bool = False) -> MergePlan:
