@@ -53,9 +53,9 @@ def test_required_parameters(name: str, required_model: set[str], required_metho
 
 
 @pytest.mark.parametrize("name", TASK_VECTOR)
-def test_task_vector_methods_take_lambda_and_int8_mask(name: str) -> None:
-    params = get_method(name).method_params.model_validate({"lambda": 0.5, "int8_mask": 1.0})
-    assert params.lambda_ == 0.5 and params.int8_mask is True
+def test_task_vector_methods_take_lambda_rescale_and_int8_mask(name: str) -> None:
+    params = get_method(name).method_params.model_validate({"lambda": 0.5, "int8_mask": 1.0, "rescale": False})
+    assert params.lambda_ == 0.5 and params.int8_mask is True and params.rescale is False
     assert get_method(name).uses_base
 
 
@@ -65,7 +65,10 @@ def test_defaults_match_mergekit() -> None:
     assert defaults["task_arithmetic"].normalize is False
     assert defaults["ties"].normalize is True
     assert defaults["dare_ties"].normalize is False and defaults["dare_ties"].rescale is True
+    assert defaults["breadcrumbs"].normalize is False and defaults["breadcrumbs_ties"].normalize is False
     assert all(defaults[name].lambda_ == 1.0 for name in TASK_VECTOR)
+    assert [name for name in TASK_VECTOR if defaults[name].rescale] == ["dare_ties", "dare_linear"]
+    assert get_method("breadcrumbs").model_params.model_validate({"weight": 1}).gamma == 0.01
     assert get_method("ties").model_params.model_validate({"weight": 1}).density == 1.0
 
 

@@ -29,9 +29,18 @@ def test_normalize_divides_by_weight_sum() -> None:
     assert torch.allclose(merged, expected)
 
 
-def test_zero_weight_sum_counts_as_one_when_normalizing() -> None:
+def test_negligible_weight_sum_counts_as_one_when_normalizing() -> None:
     merged = run_merge("task_arithmetic", [X1, X2], BASE, [{"weight": 1}, {"weight": -1}], {"normalize": True})
     assert torch.allclose(merged, BASE + (X1 - X2))
+    # 0.1 + 0.2 − 0.3 is 5.6e-17, not 0: dividing by it would blow the sum up by 1e16
+    dust = [{"weight": 0.1}, {"weight": 0.2}, {"weight": -0.3}]
+    merged = run_merge("task_arithmetic", [X1, X2, X2], BASE, dust, {"normalize": True})
+    assert torch.allclose(merged, BASE + 0.1 * (X1 - BASE) - 0.1 * (X2 - BASE))
+
+
+def test_rescale_is_accepted_and_changes_nothing_without_sparsification() -> None:
+    merged = run_merge("task_arithmetic", [X1, X2], BASE, MODELS, {"rescale": True})
+    assert torch.equal(merged, run_merge("task_arithmetic", [X1, X2], BASE, MODELS))
 
 
 def test_does_not_modify_inputs() -> None:

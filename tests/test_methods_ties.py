@@ -90,3 +90,13 @@ def test_agreeing_weights_that_cancel_leave_the_divisor_at_one() -> None:
         "ties", [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], base, [{"weight": 1}, {"weight": -1}]
     )
     assert torch.equal(merged, torch.tensor([2.0, 0.0]))
+
+
+def test_rescale_scales_the_trimmed_task_vector_back_to_its_l1_norm() -> None:
+    base = torch.zeros(4, dtype=torch.float64)
+    x = torch.tensor([4.0, -1.0, 2.0, -3.0], dtype=torch.float64)
+    # trimmed to [4, 0, 0, −3] (L1 7), scaled to the full L1 10
+    merged = run_merge("ties", [x], base, [{"weight": 1.0, "density": 0.5}], {"rescale": True})
+    assert torch.allclose(merged, torch.tensor([40 / 7, 0.0, 0.0, -30 / 7], dtype=torch.float64), atol=1e-12)
+    plain = run_merge("ties", [x], base, [{"weight": 1.0, "density": 0.5}])
+    assert torch.equal(plain, torch.tensor([4.0, 0.0, 0.0, -3.0], dtype=torch.float64))

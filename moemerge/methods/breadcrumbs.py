@@ -23,7 +23,7 @@ class BreadcrumbsModelParams(Params):
 
 
 class BreadcrumbsParams(TaskVectorParams):
-    normalize: bool = True
+    normalize: bool = False
 
 
 def merge(
@@ -38,10 +38,10 @@ def merge(
     """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i) with δ̃_i = δ_i minus its top-gamma and bottom magnitudes."""
     assert base is not None
     weights = [params.weight for params in model_params]
-    weighted_deltas = [
-        prune_outliers(task_vector(tensor, base), params.density, params.gamma).mul_(params.weight)
-        for tensor, params in zip(tensors, model_params, strict=True)
-    ]
+    weighted_deltas = []
+    for tensor, params in zip(tensors, model_params, strict=True):
+        pruned = prune_outliers(task_vector(tensor, base), params.density, params.gamma, method_params.rescale)
+        weighted_deltas.append(pruned.mul_(params.weight))
     return add_task_vectors(
         base,
         weighted_deltas,

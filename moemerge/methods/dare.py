@@ -23,7 +23,7 @@ class DareModelParams(Params):
 
 class DareParams(TaskVectorParams):
     normalize: bool = False
-    rescale: bool = True  # scale the survivors so each task vector keeps its L1 norm
+    rescale: bool = True  # DARE's default: the survivors keep each task vector's L1 norm
 
 
 def merge(

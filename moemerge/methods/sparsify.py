@@ -53,15 +53,24 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(values, numel - k + 1, largest=False, sorted=False).values.max()
 
 
-def prune_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+def rescale_l1(kept: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Scale the surviving entries in place so that ‖kept‖₁ = ‖δ‖₁; an all-zero survivor set stays zero."""
+    norm_dtype = torch.promote_types(delta.dtype, torch.float32)
+    kept_l1 = float(kept.abs().sum(dtype=norm_dtype))
+    if kept_l1 > 0.0:
+        kept.mul_(float(delta.abs().sum(dtype=norm_dtype)) / kept_l1)
+    return kept
+
+
+def prune_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """TIES trim: keep the int(density · numel) largest-magnitude entries of `delta`, zero the rest."""
     if density >= 1.0:
         return delta
-    mask = top_magnitude_mask(delta, keep_count(density, delta.numel()))
-    return delta.masked_fill(~mask, 0)
+    kept = delta.masked_fill(~top_magnitude_mask(delta, keep_count(density, delta.numel())), 0)
+    return rescale_l1(kept, delta) if rescale else kept
 
 
-def prune_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def prune_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """Breadcrumbs: keep int(density · numel) entries after dropping the int(gamma · numel) largest magnitudes.
 
     When density + gamma exceed 1 the outliers shrink to fit (the kept count wins). Ties at either cut follow
@@ -75,7 +84,8 @@ def prune_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.T
     mask = top_magnitude_mask(delta, outliers + kept)
     if outliers:
         mask &= ~top_magnitude_mask(delta, outliers)
-    return delta.masked_fill(~mask, 0)
+    kept = delta.masked_fill(~mask, 0)
+    return rescale_l1(kept, delta) if rescale else kept
 
 
 def random_keep_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -85,18 +95,8 @@ def random_keep_mask(shape: torch.Size, density: float, generator: torch.Generat
 
 
 def drop_random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`; with `rescale`, scale the survivors so ‖kept‖₁ = ‖δ‖₁.
-
-    An all-zero survivor set stays zero (there is nothing to scale).
-    """
+    """DARE: keep each entry with probability `density`; with `rescale`, scale the survivors so ‖kept‖₁ = ‖δ‖₁."""
     if density >= 1.0:
         return delta
-    mask = random_keep_mask(delta.shape, density, generator).to(delta.device)
-    kept = delta.masked_fill(~mask, 0)
-    if rescale:
-        norm_dtype = torch.promote_types(delta.dtype, torch.float32)
-        kept_l1 = float(kept.abs().sum(dtype=norm_dtype))
-        if kept_l1 > 0.0:
-            full_l1 = float(delta.abs().sum(dtype=norm_dtype))
-            kept.mul_(full_l1 / kept_l1)
-    return kept
+    kept = delta.masked_fill(~random_keep_mask(delta.shape, density, generator).to(delta.device), 0)
+    return rescale_l1(kept, delta) if rescale else kept

@@ -13,11 +13,14 @@ from pydantic import Field
 
 from moemerge.methods.registry import Params
 
+NEGLIGIBLE_WEIGHT_SUM = 1e-8
+
 
 class TaskVectorParams(Params):
     """Method-level keys every task-vector method accepts (mergekit's names)."""
 
     lambda_: float = Field(1.0, alias="lambda")  # scales the merged task vector before it is added to the base
+    rescale: bool = False  # scale each sparsified task vector back to its unpruned L1 norm
     int8_mask: bool = False  # mergekit's memory trick; accepted so recipes run unchanged, no effect on the math
 
 
@@ -46,7 +49,8 @@ def add_task_vectors(
 ) -> torch.Tensor:
     """base + λ · Σ_i m_i w_i δ̃_i, divided by Σ_i m_i w_i when `normalize` (a zero divisor counts as 1).
 
-    With `sign_consensus` m_i = [sign(w_i δ̃_i) = elected sign] per entry (zeros never agree); without it m_i = 1.
+    With `sign_consensus` m_i = [sign(w_i δ̃_i) = elected sign] per entry (zeros never agree); without it m_i = 1
+    and the divisor is the scalar Σ_i w_i (|Σ w_i| < 1e-8 counts as 1, so float dust does not blow the sum up).
     """
     if not sign_consensus:
         mixed = torch.zeros_like(base)
@@ -54,7 +58,7 @@ def add_task_vectors(
             mixed += weighted
         if normalize:
             divisor = sum(weights)
-            mixed /= divisor if divisor != 0 else 1.0
+            mixed /= divisor if abs(divisor) >= NEGLIGIBLE_WEIGHT_SUM else 1.0
         return base + scale * mixed
 
     elected = elect_sign(weighted_deltas)

@@ -32,7 +32,7 @@ def merge(
     assert base is not None
     weights = [params.weight for params in model_params]
     weighted_deltas = [
-        prune_magnitude(task_vector(tensor, base), params.density).mul_(params.weight)
+        prune_magnitude(task_vector(tensor, base), params.density, method_params.rescale).mul_(params.weight)
         for tensor, params in zip(tensors, model_params, strict=True)
     ]
     return add_task_vectors(
