@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_fixtures import moe_models  # noqa: F401  (session fixture)
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -14,6 +13,8 @@ from moemerge.io.loader import ModelPool
 from moemerge.moe.config import moe_config
 from moemerge.moe.plan import Origin, plan_moe
 from moemerge.moe.sources import resolve_sources
+
+pytest_plugins = ("moe_fixtures",)
 
 
 def saved_layout(config: dict, folder) -> dict[str, tuple[int, ...]]:
@@ -35,7 +36,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("architecture", list(CASES))
-def test_plan_matches_save_pretrained_layout(moe_models, tmp_path, architecture):  # noqa: F811
+def test_plan_matches_save_pretrained_layout(moe_models, tmp_path, architecture):
     base, experts, shared = CASES[architecture]
     recipe = parse_moe_recipe(
         {
@@ -55,7 +56,7 @@ def test_plan_matches_save_pretrained_layout(moe_models, tmp_path, architecture)
     assert [t.layer for t in routers] == list(range(4))
 
 
-def test_expert_tensors_come_from_their_models_and_residual_scale_hits_down_only(moe_models):  # noqa: F811
+def test_expert_tensors_come_from_their_models_and_residual_scale_hits_down_only(moe_models):
     recipe = parse_moe_recipe(
         {
             "base_model": str(moe_models["mistral"]),
@@ -79,7 +80,7 @@ def test_expert_tensors_come_from_their_models_and_residual_scale_hits_down_only
     assert not any(".mlp." in name for name in planned)
 
 
-def test_expert_tensor_with_wrong_shape_is_named(moe_models, tmp_path):  # noqa: F811
+def test_expert_tensor_with_wrong_shape_is_named(moe_models, tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -97,7 +98,7 @@ def test_expert_tensor_with_wrong_shape_is_named(moe_models, tmp_path):  # noqa:
         plan_moe(resolve_sources(recipe, ModelPool()))
 
 
-def test_a_qwen3_base_cannot_become_mixtral(moe_models):  # noqa: F811
+def test_a_qwen3_base_cannot_become_mixtral(moe_models):
     recipe = parse_moe_recipe(
         {"base_model": str(moe_models["qwen3"]), "architecture": "mixtral", "gate_mode": "random",
          "experts_per_token": 1, "experts": [{"source_model": str(moe_models["qwen3_ft1"])}]}

@@ -105,7 +105,7 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         recipe_text = write_recipe(folder, RECIPE_FILE, recipe_data)
         write_model_card(
             folder,
-            title=f"{Path(out).name}: a {sources.target.name} mixture of {len(sources.experts)} experts",
+            title=f"A {sources.target.name} mixture of {len(sources.experts)} experts",  # no folder name: reproducible
             base_models=[recipe.base_model, *(e.source_model for e in recipe.experts + recipe.shared_experts)],
             summary=(
                 f"A {sources.target.name} model assembled with `moemerge-moe`: attention, norms and embeddings from "
