@@ -18,16 +18,16 @@ from moemerge.toys import make_toy_model
 def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Mistral base + coder/math/story, Qwen2 and Qwen3 bases + two fine-tunes each, and config misfits."""
     root = tmp_path_factory.mktemp("moe-models")
-    models: dict[str, Path] = {}
+    models: dict[str, Path] = {"root": root}
     base = models["mistral"] = make_toy_model(root / "mistral-base", "mistral", seed=20)
     for name, seed in EXPERT_SEEDS.items():
         # delta_scale 0.5: experts far enough apart that their logits and routing differ clearly
         models[name] = make_toy_model(root / f"mistral-{name}", "mistral", seed=seed, base=base, delta_scale=0.5)
     for family in ("qwen2", "qwen3"):
         family_base = models[family] = make_toy_model(root / f"{family}-base", family, seed=30)
-        for index in (1, 2):
+        for index, name in ((1, "coder"), (2, "story")):  # folder names as in configs/moe-qwen*.yml
             models[f"{family}_ft{index}"] = make_toy_model(
-                root / f"{family}-ft{index}", family, seed=30 + index, base=family_base, delta_scale=0.5
+                root / f"{family}-{name}", family, seed=30 + index, base=family_base, delta_scale=0.5
             )
     # Misfits differ from the Mistral base only in config.json: size checks run before any tensor is read.
     for key, value in (("hidden_size", 32), ("intermediate_size", 96), ("vocab_size", 400), ("num_hidden_layers", 6)):

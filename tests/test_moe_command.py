@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +271,16 @@ def test_bad_input_is_one_line_exit_1_and_no_output(moe_models, moe_recipe_file,
     assert where in lines[0] and what in lines[0], lines[0]
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["moe.yml"]  # no hidden partial folder either
+
+
+@pytest.mark.parametrize("name", ["moe-mixtral.yml", "moe-qwen2.yml", "moe-qwen3.yml"])
+def test_example_recipes_run_on_toy_models(moe_models, run_moe, tmp_path, name):
+    """configs/moe-*.yml, with toy-models/ pointing at this session's models of the same folder names."""
+    text = (Path(__file__).parents[1] / "configs" / name).read_text()
+    recipe = tmp_path / name
+    recipe.write_text(text.replace("toy-models/", f"{moe_models['root']}/"))
+    result = run_moe(recipe, tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tokens = model.generate(INPUT_IDS, max_new_tokens=3, do_sample=False)
+    assert tokens.shape[1] == INPUT_IDS.shape[1] + 3
