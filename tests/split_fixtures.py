@@ -97,7 +97,7 @@ def split_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models["olmoe"] = make_toy_model(root / "olmoe", "olmoe", seed=45, num_experts=4, num_experts_per_tok=2)
     models["llama"] = make_toy_model(root / "llama", "llama", seed=46)
     calibration = root / "calibration.txt"
-    calibration.write_text((TOY_TEXT + "\n") * 6)
+    calibration.write_text((TOY_TEXT + "\n") * 3)
     models["calibration"] = calibration
     return models
 
