@@ -27,7 +27,9 @@ def test_tie_rule_keeps_lowest_flat_index_at_the_threshold() -> None:
     # k = 3: 0.9 is above the threshold 0.5; two of the four 0.5-magnitude entries fit: flat indices 0 and 1
     assert kept_positions(top_magnitude_mask(delta, 3)) == {5, 0, 1}
     expected = torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.9])
-    assert torch.equal(prune_magnitude(delta, 0.5), expected)
+    pruned = prune_magnitude(delta, 0.5)
+    assert pruned is delta  # pruned in place: the methods own their task vectors
+    assert torch.equal(pruned, expected)
 
 
 def test_tie_rule_follows_row_major_order_in_2d() -> None:
@@ -62,7 +64,7 @@ def test_kth_largest_matches_sorted_order(device: str, dtype: torch.dtype) -> No
 def test_pruned_count_is_exactly_int_density_times_numel() -> None:
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     for density in (0.0, 0.001, 0.29, 0.333, 0.5, 0.99):
-        pruned = prune_magnitude(delta, density)
+        pruned = prune_magnitude(delta.clone(), density)
         assert int((pruned != 0).sum()) == int(density * 1000), density
         # survivors keep their values; the smallest survivor outranks every pruned entry
         survivors = pruned != 0
@@ -89,9 +91,9 @@ def test_breadcrumbs_drops_top_outliers_and_bottom_magnitudes() -> None:
     delta = torch.tensor([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.0, -0.1, 0.2, 0.3])
     # 10 entries: gamma 0.1 drops the single largest (5.0), density 0.5 keeps the next five
     expected = torch.tensor([0.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
-    assert torch.equal(prune_outliers(delta, 0.5, 0.1), expected)
+    assert torch.equal(prune_outliers(delta.clone(), 0.5, 0.1), expected)
     # density + gamma > 1: the outlier cut shrinks so that int(density · numel) entries survive
-    assert int((prune_outliers(delta, 0.9, 0.3) != 0).sum()) == 9 - 1  # nine kept, one of them is the zero
+    assert int((prune_outliers(delta.clone(), 0.9, 0.3) != 0).sum()) == 9 - 1  # nine kept, one of them is the zero
     assert torch.equal(prune_outliers(delta, 1.0, 0.3), delta)
 
 
@@ -105,14 +107,14 @@ def test_breadcrumbs_matches_full_sort() -> None:
         expected = torch.zeros(n)
         for i in order[top : top + kept]:
             expected[i] = values[i]
-        assert torch.equal(prune_outliers(delta, density, gamma).reshape(-1), expected)
+        assert torch.equal(prune_outliers(delta.clone(), density, gamma).reshape(-1), expected)
 
 
 def test_dare_drop_is_reproducible_per_seed() -> None:
     delta = torch.randn(4096, generator=torch.Generator().manual_seed(0))
-    first = drop_random(delta, 0.3, True, torch.Generator().manual_seed(11))
-    again = drop_random(delta, 0.3, True, torch.Generator().manual_seed(11))
-    other = drop_random(delta, 0.3, True, torch.Generator().manual_seed(12))
+    first = drop_random(delta.clone(), 0.3, True, torch.Generator().manual_seed(11))
+    again = drop_random(delta.clone(), 0.3, True, torch.Generator().manual_seed(11))
+    other = drop_random(delta.clone(), 0.3, True, torch.Generator().manual_seed(12))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -121,12 +123,12 @@ def test_dare_keeps_density_fraction_and_rescales_l1() -> None:
     delta = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
     assert bool((delta != 0).all())
     for density in (0.1, 0.5, 0.9):
-        plain = drop_random(delta, density, False, torch.Generator().manual_seed(1))
+        plain = drop_random(delta.clone(), density, False, torch.Generator().manual_seed(1))
         kept = plain != 0
         # 100k Bernoulli draws: the standard deviation of the fraction is ≤ 0.0016
         assert abs(float(kept.float().mean()) - density) < 0.01
         assert torch.equal(plain[kept], delta[kept])
-        rescaled = drop_random(delta, density, True, torch.Generator().manual_seed(1))
+        rescaled = drop_random(delta.clone(), density, True, torch.Generator().manual_seed(1))
         assert torch.equal(rescaled != 0, kept)
         assert float(rescaled.abs().sum()) == pytest.approx(float(delta.abs().sum()), rel=1e-5)
         ratio = rescaled[kept] / delta[kept]  # one common factor, ‖δ‖₁ / ‖kept‖₁
@@ -138,7 +140,7 @@ def test_dare_edge_cases() -> None:
     delta = torch.tensor([1.0, -2.0, 3.0])
     generator = torch.Generator().manual_seed(0)
     assert drop_random(delta, 1.0, True, generator) is delta
-    assert torch.equal(drop_random(delta, 0.0, True, generator), torch.zeros(3))  # nothing kept stays zero
+    assert torch.equal(drop_random(delta.clone(), 0.0, True, generator), torch.zeros(3))  # nothing kept stays zero
     zeros = torch.zeros(5)
     assert torch.equal(drop_random(zeros, 0.5, True, generator), zeros)
     assert drop_random(torch.tensor(4.0), 0.5, True, generator).shape == ()
@@ -147,7 +149,7 @@ def test_dare_edge_cases() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_get_the_cpu_seeded_mask() -> None:
     delta = torch.randn(5000, generator=torch.Generator().manual_seed(0))
-    on_cpu = drop_random(delta, 0.4, True, torch.Generator().manual_seed(5))
+    on_cpu = drop_random(delta.clone(), 0.4, True, torch.Generator().manual_seed(5))
     on_gpu = drop_random(delta.cuda(), 0.4, True, torch.Generator().manual_seed(5))
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu() != 0, on_cpu != 0)

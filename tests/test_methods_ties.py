@@ -100,3 +100,13 @@ def test_rescale_scales_the_trimmed_task_vector_back_to_its_l1_norm() -> None:
     assert torch.allclose(merged, torch.tensor([40 / 7, 0.0, 0.0, -30 / 7], dtype=torch.float64), atol=1e-12)
     plain = run_merge("ties", [x], base, [{"weight": 1.0, "density": 0.5}])
     assert torch.equal(plain, torch.tensor([4.0, 0.0, 0.0, -3.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties"])
+def test_inputs_are_left_untouched(name: str) -> None:
+    base = torch.tensor([0.5, -0.5, 1.0, 2.0])
+    tensors = [torch.tensor([1.0, -2.0, 0.0, 2.5]), torch.tensor([0.0, 0.5, 3.0, 1.0])]
+    before = [base.clone()] + [tensor.clone() for tensor in tensors]
+    models = [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.5}]
+    run_merge(name, tensors, base, models, {"rescale": True}, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, [base, *tensors], strict=True))

@@ -1,7 +1,9 @@
 """Sparsification of task vectors: which entries of a delta survive before the deltas are combined.
 
-TIES keeps the largest magnitudes (selection, not a sort), DARE keeps a random Bernoulli(density) subset and
-rescales it, breadcrumbs drops both the largest outliers and the smallest magnitudes.
+TIES keeps the largest magnitudes (selection, not a sort), DARE keeps a random Bernoulli(density) subset,
+breadcrumbs drops both the largest outliers and the smallest magnitudes; each can rescale the survivors to the
+task vector's L1 norm. The pruning functions zero entries of the task vector in place (the methods own their
+task vectors, and a second full-size copy per model is what runs machines out of memory) and return it.
 """
 
 from __future__ import annotations
@@ -28,13 +30,11 @@ def top_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     magnitude = values.detach().abs().reshape(-1)
     threshold = kth_largest(magnitude, k)
-    keep = magnitude > threshold
-    at_threshold = magnitude == threshold
-    missing = k - int(keep.sum())
-    if int(at_threshold.sum()) == missing:
-        keep |= at_threshold  # no tie straddles the cut: every entry at the threshold fits
-    else:
-        tied_positions = torch.nonzero(at_threshold).reshape(-1)[:missing]  # nonzero lists positions ascending
+    keep = magnitude >= threshold
+    if int(torch.count_nonzero(keep)) != k:  # a tie straddles the cut: keep the lowest-index entries at it
+        torch.gt(magnitude, threshold, out=keep)
+        missing = k - int(torch.count_nonzero(keep))
+        tied_positions = torch.nonzero(magnitude == threshold).reshape(-1)[:missing]  # nonzero lists ascending
         keep[tied_positions] = True
     return keep.reshape(values.shape)
 
@@ -53,25 +53,30 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(values, numel - k + 1, largest=False, sorted=False).values.max()
 
 
-def rescale_l1(kept: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Scale the surviving entries in place so that ‖kept‖₁ = ‖δ‖₁; an all-zero survivor set stays zero."""
-    norm_dtype = torch.promote_types(delta.dtype, torch.float32)
-    kept_l1 = float(kept.abs().sum(dtype=norm_dtype))
+def rescale_l1(kept: torch.Tensor, l1_before: float) -> torch.Tensor:
+    """Scale the survivors in place so that ‖kept‖₁ equals the unpruned ‖δ‖₁; all-zero survivors stay zero."""
+    kept_l1 = l1_norm(kept)
     if kept_l1 > 0.0:
-        kept.mul_(float(delta.abs().sum(dtype=norm_dtype)) / kept_l1)
+        kept.mul_(l1_before / kept_l1)
     return kept
 
 
+def l1_norm(tensor: torch.Tensor) -> float:
+    """‖x‖₁ accumulated in at least float32, whatever the math dtype."""
+    return float(torch.linalg.vector_norm(tensor, ord=1, dtype=torch.promote_types(tensor.dtype, torch.float32)))
+
+
 def prune_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep the int(density · numel) largest-magnitude entries of `delta`, zero the rest."""
+    """TIES trim, in place: keep the int(density · numel) largest-magnitude entries of `delta`, zero the rest."""
     if density >= 1.0:
         return delta
-    kept = delta.masked_fill(~top_magnitude_mask(delta, keep_count(density, delta.numel())), 0)
-    return rescale_l1(kept, delta) if rescale else kept
+    l1_before = l1_norm(delta) if rescale else 0.0
+    delta.masked_fill_(top_magnitude_mask(delta, keep_count(density, delta.numel())).logical_not_(), 0)
+    return rescale_l1(delta, l1_before) if rescale else delta
 
 
 def prune_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Breadcrumbs: keep int(density · numel) entries after dropping the int(gamma · numel) largest magnitudes.
+    """Breadcrumbs, in place: keep int(density · numel) entries after dropping the int(gamma · numel) largest.
 
     When density + gamma exceed 1 the outliers shrink to fit (the kept count wins). Ties at either cut follow
     `top_magnitude_mask`'s rule (the lower flat index ranks as larger).
@@ -84,19 +89,24 @@ def prune_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: b
     mask = top_magnitude_mask(delta, outliers + kept)
     if outliers:
         mask &= ~top_magnitude_mask(delta, outliers)
-    kept = delta.masked_fill(~mask, 0)
-    return rescale_l1(kept, delta) if rescale else kept
+    l1_before = l1_norm(delta) if rescale else 0.0
+    delta.masked_fill_(mask.logical_not_(), 0)
+    return rescale_l1(delta, l1_before) if rescale else delta
 
 
-def random_keep_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli(density) keep-mask, drawn on the generator's own device so one seed gives one mask everywhere."""
+def random_drop_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
+    """True where DARE drops an entry: one uniform draw per entry, kept when draw < density.
+
+    Drawn on the generator's own device, so a CPU generator gives the same mask for CPU and CUDA tensors.
+    """
     draws = torch.rand(shape, generator=generator, device=generator.device)
-    return draws < density
+    return draws >= density
 
 
 def drop_random(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`; with `rescale`, scale the survivors so ‖kept‖₁ = ‖δ‖₁."""
+    """DARE, in place: keep each entry with probability `density`; `rescale` restores the L1 norm ‖δ‖₁."""
     if density >= 1.0:
         return delta
-    kept = delta.masked_fill(~random_keep_mask(delta.shape, density, generator).to(delta.device), 0)
-    return rescale_l1(kept, delta) if rescale else kept
+    l1_before = l1_norm(delta) if rescale else 0.0
+    delta.masked_fill_(random_drop_mask(delta.shape, density, generator).to(delta.device), 0)
+    return rescale_l1(delta, l1_before) if rescale else delta

@@ -31,11 +31,11 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES sign election: sign(Σ_i w_i δ̃_i) per entry, a zero total counting as +; returns ±1 in the math dtype."""
-    total = torch.zeros_like(weighted_deltas[0])
-    for weighted in weighted_deltas:
-        total += weighted
-    positive = torch.ones((), dtype=total.dtype, device=total.device)
-    return torch.where(total >= 0, positive, -positive)
+    elected = weighted_deltas[0].clone()
+    for weighted in weighted_deltas[1:]:
+        elected += weighted
+    positive = elected >= 0
+    return elected.copy_(positive).mul_(2).sub_(1)
 
 
 def add_task_vectors(
@@ -51,25 +51,31 @@ def add_task_vectors(
 
     With `sign_consensus` m_i = [sign(w_i δ̃_i) = elected sign] per entry (zeros never agree); without it m_i = 1
     and the divisor is the scalar Σ_i w_i (|Σ w_i| < 1e-8 counts as 1, so float dust does not blow the sum up).
+    Consumes `weighted_deltas`: the sum is built in their memory, so the merge needs no extra full-size copies.
     """
     if not sign_consensus:
-        mixed = torch.zeros_like(base)
-        for weighted in weighted_deltas:
+        mixed = weighted_deltas[0]
+        for weighted in weighted_deltas[1:]:
             mixed += weighted
         if normalize:
             divisor = sum(weights)
             mixed /= divisor if abs(divisor) >= NEGLIGIBLE_WEIGHT_SUM else 1.0
-        return base + scale * mixed
+        return mixed.mul_(scale).add_(base)
 
     elected = elect_sign(weighted_deltas)
-    mixed = torch.zeros_like(base)
+    # An entry agrees exactly when w_i δ̃_i · e > 0 (e = ±1, so the product is exact and zeros never agree).
+    # Summing the clamped products and multiplying by e once gives Σ m_i w_i δ̃_i without a mask per model.
     divisor = torch.zeros_like(base) if normalize else None
+    agrees = torch.empty_like(base) if normalize else None
     for weighted, weight in zip(weighted_deltas, weights, strict=True):
-        agrees = torch.sign(weighted) == elected
-        mixed += weighted.masked_fill(~agrees, 0)
+        weighted.mul_(elected).clamp_(min=0)
         if divisor is not None:
-            divisor += agrees.to(divisor.dtype) * weight
+            divisor.add_(torch.sign(weighted, out=agrees), alpha=weight)  # sign of a clamped product: 0 or 1
+    mixed = weighted_deltas[0]
+    for weighted in weighted_deltas[1:]:
+        mixed += weighted
+    mixed *= elected
     if divisor is not None:
-        divisor[divisor == 0] = 1
+        divisor += divisor == 0
         mixed /= divisor
-    return base + scale * mixed
+    return mixed.mul_(scale).add_(base)
