@@ -166,9 +166,10 @@ def test_same_recipe_and_seed_give_identical_bytes(moe_models, moe_recipe_file, 
     recipe["experts"][1]["noise"] = 0.1
     recipe["experts"][2]["residual_scale"] = 0.5
     outputs = {}
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+    for name, seed, workers in (("a", 7, 1), ("b", 7, 3), ("c", 8, 2)):
         outputs[name] = tmp_path / name
-        assemble(run_moe, moe_recipe_file, recipe, outputs[name], "--random-seed", seed, "--out-shard-size", "200K")
+        options = ("--random-seed", seed, "--out-shard-size", "200K", "--workers", workers)
+        assemble(run_moe, moe_recipe_file, recipe, outputs[name], *options)
     files = sorted(p.name for p in outputs["a"].iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
     assert files == sorted(p.name for p in outputs["b"].iterdir())

@@ -10,6 +10,7 @@ from moemerge.cli.options import (
     copy_tokenizer_option,
     device_option,
     dry_run_option,
+    max_memory_option,
     overwrite_option,
     quiet_option,
     resolve_device,
@@ -18,6 +19,7 @@ from moemerge.cli.options import (
     trust_remote_code_option,
     user_errors,
     verbose_option,
+    workers_option,
 )
 from moemerge.config.moe_recipe import load_moe_recipe
 from moemerge.io.loader import ModelPool
@@ -30,6 +32,8 @@ from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dty
 @device_option
 @seed_option
 @shard_size_option
+@max_memory_option
+@workers_option
 @copy_tokenizer_option
 @trust_remote_code_option
 @overwrite_option
@@ -50,6 +54,8 @@ def main(
     device: str,
     random_seed: int,
     out_shard_size: int,
+    max_memory: int | None,
+    workers: int | None,
     copy_tokenizer: bool,
     trust_remote_code: bool,
     overwrite: bool,
@@ -73,6 +79,8 @@ def main(
         overwrite=overwrite,
         hidden_pool=hidden_pool,
         progress=not quiet,
+        max_memory=max_memory,
+        workers=workers,
     )
     assemble_moe(recipe, recipe_data, out, options)
     if not quiet:

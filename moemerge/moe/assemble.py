@@ -40,6 +40,8 @@ class MoeOptions:
     overwrite: bool = False
     hidden_pool: str = "last"
     progress: bool = True
+    max_memory: int | None = None  # executor budget for tensors in flight (None: its default)
+    workers: int | None = None
 
 
 def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
@@ -93,11 +95,26 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         pool=options.hidden_pool,
         trust_remote_code=options.trust_remote_code,
     )
-    outputs = [OutputTensor(TensorSpec(t.name, t.shape, dtype), _producer(t, gates)) for t in planned]
+    outputs = [
+        OutputTensor(
+            TensorSpec(t.name, t.shape, dtype),
+            _producer(t, gates),
+            sources=((t.model, t.source_name),) if t.model is not None and t.source_name is not None else (),
+        )
+        for t in planned
+    ]
     config = moe_config(sources, recipe.experts_per_token)
     with staged_output(out, options.overwrite) as folder:
         shard_bytes, progress = options.max_shard_bytes, options.progress
-        write_tensors(folder, outputs, max_shard_bytes=shard_bytes, progress=progress, description="assembling")
+        write_tensors(
+            folder,
+            outputs,
+            max_shard_bytes=shard_bytes,
+            progress=progress,
+            description="assembling",
+            max_memory=options.max_memory,
+            workers=options.workers,
+        )
         write_config(folder, config, out_dtype=dtype)
         if options.copy_tokenizer:
             copy_tokenizer(sources.base.folder, folder)
