@@ -53,6 +53,8 @@ def dense_model_type(source: MoeSource) -> str:
             f"{source.config.get('model_type')!r} has no dense counterpart in transformers with the same layer "
             "structure, so its experts cannot be written as a dense model; --prune-to K (a smaller MoE) works"
         )
+    if dense_type == "qwen2" and source.config.get("qkv_bias", True) is False:
+        raise MoemergeError("this Qwen2-MoE has no q/k/v biases (qkv_bias: false), which every Qwen2 dense model has")
     if source.dense_layers():
         raise MoemergeError(
             f"layers {source.dense_layers()} have a dense MLP instead of experts (mlp_only_layers / "
