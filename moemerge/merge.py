@@ -55,9 +55,8 @@ def merge_tensor(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: 
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
     generator = None
     if plan.method.random:
-        generator = torch.Generator(device=options.device).manual_seed(
-            tensor_seed(options.random_seed, merge.spec.name)
-        )
+        # a CPU generator on every device: the same seed gives the same DARE masks with --device cpu or cuda
+        generator = torch.Generator().manual_seed(tensor_seed(options.random_seed, merge.spec.name))
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
     return merged.to(merge.spec.dtype)
 
