@@ -5,7 +5,7 @@ minutes: a byte-level BPE tokenizer on the training split, then MixtralForCausal
 load-balancing loss on (so every expert gets used). Writes a model folder (save_pretrained + tokenizer)
 with `heldout.txt` (never trained on), `calibration.txt` (from the training split) and `training.json`.
 
-    python scripts/train_toy_moe.py --minutes 7 --out .bench/toy-moe
+    python scripts/train_toy_moe.py --minutes 6 --out .bench/toy-moe
 """
 
 from __future__ import annotations
