@@ -146,9 +146,7 @@ def test_a_full_disk_while_writing_is_an_output_error(tmp_path: Path, monkeypatc
     writer.abort()
 
 
-def test_a_full_disk_at_reservation_fails_before_any_work(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_full_disk_at_reservation_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full_disk(*_args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

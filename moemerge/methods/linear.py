@@ -27,8 +27,8 @@ def merge(
 ) -> torch.Tensor:
     """Σ_i w_i x_i, divided by Σ_i w_i when `normalize`."""
     weights = [params.weight for params in model_params]
-    merged = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights, strict=True):
+    merged = torch.mul(tensors[0], weights[0])  # the inputs stay untouched: a caller may pass one tensor twice
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         merged.add_(tensor, alpha=weight)
     if method_params.normalize:
         total = sum(weights)
