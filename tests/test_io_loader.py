@@ -146,3 +146,26 @@ def test_a_malicious_bin_is_refused_without_running_its_code(tmp_path: Path) -> 
     with pytest.raises(TensorError, match="refusing pytorch_model.bin"):
         LazyModel(folder)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+def test_rows_reads_one_block_of_rows(sharded: Path, tmp_path: Path, weights_format: str) -> None:
+    tensors = reference_tensors()
+    folder = sharded
+    if weights_format == "bin":
+        folder = tmp_path / "bin"
+        folder.mkdir()
+        torch.save(tensors, folder / "pytorch_model.bin")
+    model = LazyModel(folder)
+    embed, fused = "model.embed_tokens.weight", "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(model.read(embed, rows=(7, 19)), tensors[embed][7:19])
+    assert torch.equal(model.read(embed, rows=(29, 30)), tensors[embed][29:])
+    block = model.read(fused, dtype=torch.float64, rows=(1, 3))
+    assert block.dtype == torch.float64 and torch.equal(block, tensors[fused][1:3].double())
+
+
+def test_rows_outside_the_tensor_are_a_tensor_error(sharded: Path) -> None:
+    model = LazyModel(sharded)
+    for rows in ((0, 31), (5, 5), (-1, 3)):
+        with pytest.raises(TensorError, match="has no rows"):
+            model.read("model.embed_tokens.weight", rows=rows)

@@ -162,3 +162,35 @@ def test_sizes_parse_with_decimal_units() -> None:
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_a_tensor_written_in_row_blocks_in_any_order_is_byte_identical(tmp_path: Path) -> None:
+    tensors = seeded_tensors()
+    write_all(tmp_path / "whole", tensors, max_shard_bytes=300)
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    (tmp_path / "blocks").mkdir()
+    writer = ShardedWriter(tmp_path / "blocks", specs, max_shard_bytes=300)
+    embed = tensors["model.embed_tokens.weight"]
+    for start, stop in ((30, 40), (0, 13), (13, 30)):  # out of order, uneven
+        writer.write("model.embed_tokens.weight", embed[start:stop], first_row=start)
+    for name, tensor in tensors.items():
+        if name != "model.embed_tokens.weight":
+            writer.write(name, tensor)
+    writer.close()
+    whole = sorted((tmp_path / "whole").iterdir())
+    assert [p.name for p in whole] == sorted(p.name for p in (tmp_path / "blocks").iterdir())
+    for path in whole:
+        assert path.read_bytes() == (tmp_path / "blocks" / path.name).read_bytes(), path.name
+
+
+def test_a_missing_row_block_or_a_misfit_block_is_caught(tmp_path: Path) -> None:
+    embed = seeded_tensors()["model.embed_tokens.weight"]
+    writer = ShardedWriter(tmp_path, [TensorSpec("embed", (40, 8), torch.bfloat16)], max_shard_bytes=10**9)
+    writer.write("embed", embed[:20], first_row=0)
+    with pytest.raises(RuntimeError, match="at row 30"):
+        writer.write("embed", embed[:20], first_row=30)  # runs past row 40
+    with pytest.raises(RuntimeError, match="planned"):
+        writer.write("embed", embed[20:, :4], first_row=20)  # wrong row width
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+    writer.abort()

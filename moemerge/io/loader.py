@@ -235,7 +235,10 @@ class LazyModel:
             done += count
         return buffer
 
-    def _read_stored(self, name: str, file: Path, first_row: int | None = None) -> torch.Tensor:
+    def _read_stored(
+        self, name: str, file: Path, first_row: int | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The stored bytes of a tensor, of its row `first_row` (shape without that dimension), or of `rows`."""
         stored = self._stored(name, file)
         shape, start, length = stored.shape, stored.start, stored.end - stored.start
         if first_row is not None:
@@ -244,15 +247,35 @@ class LazyModel:
             shape = shape[1:]
             length = torch.Size(shape).numel() * stored.dtype.itemsize
             start += first_row * length
+        elif rows is not None:
+            row_start, row_stop = rows
+            if not shape or not 0 <= row_start < row_stop <= shape[0]:
+                raise TensorError(
+                    f"model {self.label!r}: {name!r} has no rows {row_start}:{row_stop} (shape {list(shape)})"
+                )
+            row_bytes = torch.Size(shape[1:]).numel() * stored.dtype.itemsize
+            shape = (row_stop - row_start, *shape[1:])
+            start += row_start * row_bytes
+            length = (row_stop - row_start) * row_bytes
         return self._read_range(file, start, length).view(stored.dtype).reshape(shape)
 
-    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One tensor, cast to `dtype` and moved to `device` (the cast runs on the device: less to copy, faster)."""
+    def read(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """One tensor, cast to `dtype` and moved to `device` (the cast runs on the device: less to copy, faster).
+
+        `rows=(start, stop)` reads only `tensor[start:stop]`: a block of a large tensor, merged on its own.
+        """
         file = self._require(name)
         if file.suffix == ".safetensors":
-            tensor = self._read_stored(name, file)
+            tensor = self._read_stored(name, file, rows=rows)
         else:
-            tensor = self._bin(file)[name].clone()
+            stored = self._bin(file)[name]
+            tensor = (stored if rows is None else stored[rows[0] : rows[1]]).clone()
         if str(device) != "cpu":
             tensor = tensor.to(device)
         if dtype is not None and tensor.dtype != dtype:

@@ -93,6 +93,7 @@ class ShardedWriter:
             raise ValueError("duplicate output tensor names")
         self._lock = threading.Lock()
         self._pending = set(self.specs)
+        self._unwritten = {spec.name: spec.nbytes for spec in specs}  # bytes still to come, per tensor
         self._location: dict[str, tuple[str, int, int]] = {}  # name -> (shard file, fd, absolute offset)
         self._files: list[tuple[str, int]] = []
         shards = assign_shards(specs, max_shard_bytes)
@@ -130,14 +131,24 @@ class ShardedWriter:
             else:
                 raise
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor at its reserved place; safe to call from several threads."""
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write a tensor, or the block of its rows that starts at `first_row`, at its reserved place.
+
+        Safe to call from several threads; a tensor counts as written once all its bytes are.
+        """
         spec = self.specs[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        rows = tensor.shape[0] if spec.shape and tensor.dim() == len(spec.shape) else None
+        whole = tuple(tensor.shape) == spec.shape and first_row == 0
+        block = rows is not None and tuple(tensor.shape[1:]) == spec.shape[1:] and first_row + rows <= spec.shape[0]
+        if not (whole or block) or tensor.dtype != spec.dtype:
             raise RuntimeError(
-                f"{name}: computed {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}"
+                f"{name}: computed {tuple(tensor.shape)} {tensor.dtype} at row {first_row}, "
+                f"planned {spec.shape} {spec.dtype}"
             )
         _, fd, offset = self._location[name]
+        block_bytes = tensor.numel() * spec.dtype.itemsize
+        if first_row:
+            offset += first_row * (spec.nbytes // spec.shape[0])
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
         try:
@@ -148,7 +159,9 @@ class ShardedWriter:
         except OSError as error:
             raise _output_error(error, self.folder / name) from None
         with self._lock:
-            self._pending.discard(name)
+            self._unwritten[name] -= block_bytes
+            if self._unwritten[name] <= 0:
+                self._pending.discard(name)
 
     def close(self) -> None:
         """Check every planned tensor was written, flush the shards and write the index."""
