@@ -42,6 +42,12 @@ class OutputTensor:
     produce: Callable[[], torch.Tensor]
     sources: tuple[tuple[LazyModel, str], ...] = ()  # (model, tensor name) read by `produce`: read-ahead
     input_bytes: int = 0  # bytes `produce` reads, when not given by `sources`
+    rows: tuple[int, int] | None = None  # produces only spec's rows [start, stop): one block of a large tensor
+
+    @property
+    def share(self) -> float:
+        """The fraction of the tensor this output produces (1.0 unless it is a block of rows)."""
+        return 1.0 if self.rows is None else (self.rows[1] - self.rows[0]) / self.spec.shape[0]
 
 
 def default_max_memory() -> int:
@@ -63,18 +69,22 @@ def default_workers() -> int:
 
 def working_bytes(output: OutputTensor) -> int:
     """Estimated peak memory while producing and writing one tensor: inputs (as read and cast) + temporaries."""
-    numel = torch.Size(output.spec.shape).numel()
+    numel = int(torch.Size(output.spec.shape).numel() * output.share)
     read = output.input_bytes
     if not read and output.sources:
-        read = sum(model.nbytes(name) for model, name in output.sources)
+        read = int(sum(model.nbytes(name) for model, name in output.sources) * output.share)
     source_count = len(output.sources) or 2
     cast = max(read, source_count * numel * MATH_ITEMSIZE)  # inputs after the cast to the math dtype
-    return read + cast + WORK_COPIES * numel * MATH_ITEMSIZE + output.spec.nbytes
+    return read + cast + WORK_COPIES * numel * MATH_ITEMSIZE + int(output.spec.nbytes * output.share)
+
+
+def _output_bytes(output: OutputTensor) -> int:
+    return round(output.spec.nbytes * output.share)
 
 
 def _produce_and_write(writer: ShardedWriter, output: OutputTensor) -> None:
     tensor = output.produce()
-    writer.write(output.spec.name, tensor.to(output.spec.dtype))
+    writer.write(output.spec.name, tensor.to(output.spec.dtype), first_row=output.rows[0] if output.rows else 0)
 
 
 class _ReadAhead:
@@ -85,12 +95,16 @@ class _ReadAhead:
         self.window = window
         self.next_index = 0
         self.issued: list[int] = [0] * len(outputs)  # bytes asked for per output
+        self.asked: set[tuple[int, str]] = set()  # (model, tensor) already asked for: blocks share their sources
 
     def advance(self, current: int) -> None:
         ahead = sum(self.issued[current : self.next_index])
         while self.next_index < len(self.outputs) and ahead < self.window:
             output = self.outputs[self.next_index]
             for model, name in output.sources:
+                if (id(model), name) in self.asked:
+                    continue
+                self.asked.add((id(model), name))
                 try:
                     model.prefetch(name)
                 except Exception:  # read-ahead is only a hint; the real read reports real errors
@@ -113,8 +127,12 @@ def write_tensors(
     """Produce every output tensor and write it, `workers` at a time within `max_memory`; returns bytes written."""
     budget = max_memory or default_max_memory()
     workers = workers or default_workers()
-    writer = ShardedWriter(folder, [output.spec for output in outputs], max_shard_bytes)
-    bar = tqdm(total=len(outputs), desc=description, unit="tensor", disable=not progress)
+    specs = list({output.spec.name: output.spec for output in outputs}.values())  # blocks of one tensor: one spec
+    writer = ShardedWriter(folder, specs, max_shard_bytes)
+    # progress in output bytes: blocks and tensors of every size count for what they weigh
+    bar = tqdm(
+        total=sum(spec.nbytes for spec in specs), desc=description, unit="B", unit_scale=True, disable=not progress
+    )
     read_ahead = _ReadAhead(outputs, min(READ_AHEAD_BYTES, budget // 2))
     # One intra-op thread per tensor: torch's multi-threaded reductions split work by thread count, so a
     # fixed count keeps every tensor's bits independent of `workers`; the cores are used by running
@@ -126,7 +144,7 @@ def write_tensors(
             for index, output in enumerate(outputs):
                 read_ahead.advance(index + 1)
                 _produce_and_write(writer, output)
-                bar.update()
+                bar.update(_output_bytes(output))
         else:
             _run_parallel(writer, outputs, budget, workers, read_ahead, bar)
         writer.close()
@@ -148,7 +166,8 @@ def _run_parallel(
     bar: tqdm,
 ) -> None:
     """Start tensors in plan order while their estimated memory fits the budget; a lone tensor always fits."""
-    in_flight: dict[Future, int] = {}
+    in_flight: dict[Future, int] = {}  # future -> its estimated working bytes
+    outputs_of: dict[Future, OutputTensor] = {}
     used = 0
 
     def collect(block: bool) -> None:
@@ -156,8 +175,9 @@ def _run_parallel(
         done, _ = wait(in_flight, timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             used -= in_flight.pop(future)
+            output = outputs_of.pop(future)
             future.result()  # re-raises the first error; the pool's shutdown cancels what has not started
-            bar.update()
+            bar.update(_output_bytes(output))
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moemerge") as pool:
         try:
@@ -166,7 +186,8 @@ def _run_parallel(
                 while in_flight and (len(in_flight) >= workers or used + cost > budget):
                     collect(block=True)
                 read_ahead.advance(index + 1)
-                in_flight[pool.submit(_produce_and_write, writer, output)] = cost
+                future = pool.submit(_produce_and_write, writer, output)
+                in_flight[future], outputs_of[future] = cost, output
                 used += cost
             while in_flight:
                 collect(block=True)

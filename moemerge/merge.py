@@ -18,6 +18,8 @@ from moemerge.plan.dense_plan import MergePlan, TensorMerge
 
 log = logging.getLogger(__name__)
 
+BLOCK_ELEMENTS = 8 * 2**20  # elementwise methods merge tensors larger than this in blocks of rows (32 MiB float32)
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -43,9 +45,13 @@ def fit_rows(tensor: torch.Tensor, rows: int, filler: torch.Tensor) -> torch.Ten
     return torch.cat([tensor, filler[tensor.shape[0] : rows]])
 
 
-def merge_tensor(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions) -> torch.Tensor:
+def merge_tensor(
+    plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The merged tensor, or only its rows [start, stop) for an elementwise method."""
+
     def read(model: str, name: str) -> torch.Tensor:
-        return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device)
+        return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device, rows=rows)
 
     base = read(merge.base.model, merge.base.name) if merge.base else None
     tensors = [read(item.model, item.name) for item in merge.inputs]
@@ -61,12 +67,34 @@ def merge_tensor(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: 
     return merged.to(merge.spec.dtype)
 
 
+def row_blocks(plan: MergePlan, merge: TensorMerge) -> list[tuple[int, int] | None]:
+    """Row ranges to merge `merge` in: [None] (whole) unless an elementwise method meets a large tensor.
+
+    Blocks of at most BLOCK_ELEMENTS keep the working memory of a 32000 × 4096 embedding at a few blocks'
+    worth instead of several full float32 copies, and let the workers share one large tensor.
+    """
+    shape = merge.spec.shape
+    numel = torch.Size(shape).numel()
+    if not plan.method.elementwise or merge.fit_vocab or len(shape) < 2 or numel <= BLOCK_ELEMENTS:
+        return [None]
+    rows_per_block = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
+    return [(start, min(start + rows_per_block, shape[0])) for start in range(0, shape[0], rows_per_block)]
+
+
 def describe_plan(plan: MergePlan) -> str:
     """The --dry-run summary: what will be read, how, and how big the output and working set are."""
-    largest = max((merge.spec.nbytes for merge in plan.merges), default=0)
+
+    def largest_unit(merge: TensorMerge) -> int:  # entries merged at once: the tensor, or its largest row block
+        blocks = row_blocks(plan, merge)
+        if blocks[0] is None:
+            return torch.Size(merge.spec.shape).numel()
+        return max(stop - start for start, stop in blocks) * (
+            torch.Size(merge.spec.shape).numel() // merge.spec.shape[0]
+        )
+
+    largest = max((largest_unit(merge) for merge in plan.merges), default=0)
     inputs_per_tensor = max((len(merge.inputs) + (merge.base is not None) for merge in plan.merges), default=0)
-    working = largest // max(merge.spec.dtype.itemsize for merge in plan.merges) * plan.math_dtype.itemsize
-    peak = working * (inputs_per_tensor + 2)
+    peak = largest * plan.math_dtype.itemsize * (inputs_per_tensor + 2)
     lines = [
         f"method: {plan.method.name}",
         f"models: {', '.join(plan.models)}",
@@ -74,7 +102,7 @@ def describe_plan(plan: MergePlan) -> str:
         f"output tensors: {len(plan.merges)} in {plan.layer_count} layers",
         f"output size: {plan.output_bytes / 1e9:.3f} GB",
         f"math dtype: {str(plan.math_dtype).removeprefix('torch.')}",
-        f"estimated peak memory for tensors: {peak / 1e9:.3f} GB (largest tensor x {inputs_per_tensor + 2})",
+        f"estimated peak memory for tensors: {peak / 1e9:.3f} GB (largest block x {inputs_per_tensor + 2}, per worker)",
     ]
     return "\n".join(lines)
 
@@ -86,10 +114,12 @@ def run_merge(
     outputs = [
         OutputTensor(
             merge.spec,
-            lambda merge=merge: merge_tensor(plan, merge, pool, options),
+            lambda merge=merge, rows=rows: merge_tensor(plan, merge, pool, options, rows),
             sources=tuple((pool.get(item.model), item.name) for item in (*merge.inputs, *filter(None, [merge.base]))),
+            rows=rows,
         )
         for merge in plan.merges
+        for rows in row_blocks(plan, merge)
     ]
     with staged_output(out, options.overwrite) as folder:
         write_tensors(

@@ -179,3 +179,50 @@ def test_cli_output_is_byte_identical_across_workers_and_budgets(toy_models, wri
         outputs[label] = {p.name: p.read_bytes() for p in (tmp_path / label).glob("*.safetensors")}
     assert len(outputs["serial"]) > 1
     assert outputs["parallel"] == outputs["serial"]
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough"])
+def test_elementwise_methods_merged_in_row_blocks_give_the_same_bytes(
+    toy_models, write_recipe, run_yaml, tmp_path, monkeypatch, method
+) -> None:
+    import moemerge.merge
+
+    names = ("coder",) if method == "passthrough" else ("coder", "math", "story")
+    models = [{"model": str(toy_models[name]), "parameters": {"weight": 0.7}} for name in names]
+    if method == "passthrough":
+        models[0]["parameters"] = {"scale": 0.7}
+    recipe = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method == "task_arithmetic":
+        recipe["base_model"] = str(toy_models["base"])
+    config = write_recipe(recipe)
+    outputs = {}
+    # toy tensors hold 384 × 64 or 128 × 64 entries: 1000-entry blocks split every matrix into many blocks
+    for label, block in (("whole", 10**9), ("blocks", 1000)):
+        monkeypatch.setattr(moemerge.merge, "BLOCK_ELEMENTS", block)
+        result = run_yaml(config, tmp_path / label, "--quiet", "--workers", "2")
+        assert result.exit_code == 0, result.output
+        outputs[label] = {p.name: p.read_bytes() for p in (tmp_path / label).glob("*.safetensors")}
+    assert outputs["blocks"] == outputs["whole"]
+
+
+def test_row_blocks_cover_every_row_once_and_only_for_elementwise_methods() -> None:
+    from types import SimpleNamespace
+
+    from moemerge.merge import BLOCK_ELEMENTS, row_blocks
+
+    def plan(elementwise: bool):
+        return SimpleNamespace(method=SimpleNamespace(elementwise=elementwise))
+
+    def merge(shape, fit_vocab=False):
+        return SimpleNamespace(spec=TensorSpec("t", shape, torch.bfloat16), fit_vocab=fit_vocab)
+
+    big = (32000, 4096)
+    blocks = row_blocks(plan(True), merge(big))
+    assert blocks[0][0] == 0 and blocks[-1][1] == 32000
+    assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))  # contiguous, no overlap
+    assert all((stop - start) * 4096 <= BLOCK_ELEMENTS for start, stop in blocks)
+    assert row_blocks(plan(False), merge(big)) == [None]  # TIES, SLERP, DARE need the whole tensor
+    assert row_blocks(plan(True), merge(big, fit_vocab=True)) == [None]
+    assert row_blocks(plan(True), merge((4096,))) == [None]
+    assert row_blocks(plan(True), merge((64, 64))) == [None]
+    assert row_blocks(plan(True), merge((3, BLOCK_ELEMENTS))) == [(0, 1), (1, 2), (2, 3)]  # a row over the size

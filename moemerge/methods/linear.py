@@ -38,4 +38,12 @@ def merge(
     return merged
 
 
-register(MergeMethod(name="linear", merge=merge, model_params=LinearModelParams, method_params=LinearParams))
+register(
+    MergeMethod(
+        name="linear",
+        merge=merge,
+        model_params=LinearModelParams,
+        method_params=LinearParams,
+        elementwise=True,
+    )
+)

@@ -36,5 +36,6 @@ register(
         model_params=PassthroughModelParams,
         method_params=NoParams,
         single_source=True,
+        elementwise=True,
     )
 )

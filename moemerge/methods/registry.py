@@ -27,7 +27,9 @@ class NoParams(Params):
 
 
 # merge(tensors, base, model_params, method_params, generator) -> merged tensor
-#   tensors:       the non-base inputs, in recipe order (for methods without a base: all inputs)
+#   tensors:       the non-base inputs, in recipe order (for methods without a base: all inputs), read fresh
+#                  for this call: the method may overwrite them (task vectors are built in their memory, which
+#                  saves one full-size copy per model); `base` is shared and read-only
 #   base:          the base model's tensor, or None when the method does not use one
 #   model_params:  one validated per-model parameter object per entry of `tensors`
 #   method_params: the validated method-level parameters
@@ -48,6 +50,9 @@ class MergeMethod:
     random: bool = False  # draws from the generator (DARE)
     single_source: bool = False  # takes exactly one input (passthrough)
     model_count: int | None = None  # exactly this many non-base inputs (slerp: 1); None = any number
+    # Each output entry depends only on the same entry of each input (no norms, top-k or random draws over
+    # the tensor), so a large tensor can be merged one block of rows at a time with the same bits.
+    elementwise: bool = False
 
 
 METHODS: dict[str, MergeMethod] = {}

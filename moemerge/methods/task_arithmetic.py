@@ -46,5 +46,6 @@ register(
         model_params=TaskArithmeticModelParams,
         method_params=TaskArithmeticParams,
         uses_base=True,
+        elementwise=True,
     )
 )
