@@ -17,11 +17,15 @@ def run_merge(
     parameters: Mapping[str, object] | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """Validate the parameters the way the planner does, then merge one tensor."""
+    """Validate the parameters the way the planner does, then merge one tensor.
+
+    Methods may overwrite their inputs (the planner reads fresh ones for each call), so they get copies here
+    and a test can reuse its tensors for the expected values.
+    """
     method = get_method(name)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return method.merge(
-        list(tensors),
+        [tensor.clone() for tensor in tensors],
         base,
         [method.model_params.model_validate(dict(model)) for model in models],
         method.method_params.model_validate(dict(parameters or {})),

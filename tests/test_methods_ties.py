@@ -6,6 +6,8 @@ import pytest
 import torch
 from methods_support import run_merge, top_k_by_sort
 
+from moemerge.methods import get_method
+
 
 def test_two_models_sign_tie_zeros_and_zero_divisor() -> None:
     base = torch.zeros(4)
@@ -102,11 +104,22 @@ def test_rescale_scales_the_trimmed_task_vector_back_to_its_l1_norm() -> None:
     assert torch.equal(plain, torch.tensor([4.0, 0.0, 0.0, -3.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties"])
-def test_inputs_are_left_untouched(name: str) -> None:
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "task_arithmetic"])
+def test_the_shared_base_is_left_untouched_while_inputs_are_consumed(name: str) -> None:
+    """Task vectors are built in the inputs' memory (one copy less per model); the base, shared, must survive."""
+    method = get_method(name)
     base = torch.tensor([0.5, -0.5, 1.0, 2.0])
     tensors = [torch.tensor([1.0, -2.0, 0.0, 2.5]), torch.tensor([0.0, 0.5, 3.0, 1.0])]
-    before = [base.clone()] + [tensor.clone() for tensor in tensors]
     models = [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.5}]
-    run_merge(name, tensors, base, models, {"rescale": True}, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(before, [base, *tensors], strict=True))
+    if name == "task_arithmetic":
+        models = [{"weight": 1.0}, {"weight": 0.7}]
+    expected = run_merge(name, tensors, base, models, {"rescale": True} if name != "task_arithmetic" else {}, seed=0)
+    merged = method.merge(
+        tensors,
+        base,
+        [method.model_params.model_validate(m) for m in models],
+        method.method_params.model_validate({"rescale": True} if name != "task_arithmetic" else {}),
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(base, torch.tensor([0.5, -0.5, 1.0, 2.0]))
+    assert torch.equal(merged, expected)

@@ -39,11 +39,13 @@ def merge(
     cos_theta = float(torch.dot(v0, v1)) / (_norm_or_one(v0) * _norm_or_one(v1))
 
     if abs(cos_theta) > NEAR_PARALLEL:
-        merged = (1.0 - t) * v0 + t * v1
+        scale0, scale1 = 1.0 - t, t
     else:
         theta = math.acos(cos_theta)
         sin_theta = math.sin(theta)
-        merged = (math.sin(theta - theta * t) / sin_theta) * v0 + (math.sin(theta * t) / sin_theta) * v1
+        scale0, scale1 = math.sin(theta - theta * t) / sin_theta, math.sin(theta * t) / sin_theta
+    # built in v1's memory (the input is the method's own; a cast made a fresh copy anyway): no temporaries
+    merged = v1.mul_(scale1).add_(v0, alpha=scale0)
     return merged.reshape(base.shape).to(base.dtype)
 
 

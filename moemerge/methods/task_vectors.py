@@ -25,8 +25,8 @@ class TaskVectorParams(Params):
 
 
 def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """δ = x − base: what fine-tuning changed."""
-    return tensor - base
+    """δ = x − base: what fine-tuning changed, built in the input's own memory (methods own their inputs)."""
+    return tensor.sub_(base)
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
