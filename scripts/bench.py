@@ -92,6 +92,9 @@ def write_model(folder: Path, model_type: str, layers: int, model_seed: int) -> 
     partial.mkdir(parents=True)
     config = AutoConfig.for_model(model_type, num_hidden_layers=layers, **SIZES)
     config.dtype = torch.bfloat16
+    config.architectures = [
+        {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[model_type]
+    ]  # mergekit needs it
     config.bos_token_id, config.eos_token_id = 0, 1
     config.save_pretrained(partial)
     toy_tokenizer().save_pretrained(partial)
