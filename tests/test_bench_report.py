@@ -1,0 +1,44 @@
+"""The benchmark report (scripts/bench_report.py): ratios from the recorded figures, README markers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_report import END, START, replace_between_markers, report  # noqa: E402
+
+
+def figures(wall: float, rss_mb: float, ok: bool = True) -> dict:
+    return {"ok": ok, "wall_s": wall, "cpu_s": wall, "peak_rss_mb": rss_mb, "storage_read_mb": 3000,
+            "storage_write_mb": 1000, "cache": "cold"}  # fmt: skip
+
+
+def row(recipe: str, layers: int, ours: dict, **extra) -> dict:
+    info = {"recipe": recipe, "layers": layers, "machine": "m", "torch": "t", "date": "d", "command": "c"}
+    return {**info, "moemerge": ours, "io_floor_s": 5.0, **extra}
+
+
+def test_ratios_and_the_size_check_come_from_the_recorded_figures() -> None:
+    results = {
+        "linear-8L": row("linear", 8, figures(10.0, 800), mergekit=figures(25.0, 2000), max_abs_diff_vs_mergekit=0.0),
+        "ties-8L": row("ties", 8, figures(50.0, 2500), mergekit=figures(500.0, 3000, ok=False)),
+        "linear-16L": row("linear", 16, figures(21.0, 840)),
+    }
+    text = report(results, {})
+    lines = text.splitlines()
+    linear = next(line for line in lines if line.startswith("| linear | 10.0"))
+    # wall 10 / 25 = 0.40, 10 s against a 5 s floor = 2.00, RSS 0.8 / 2.0 GB = 0.40
+    assert "| 0.40 | 5.0 | 2.00 | 0.80 | 2.00 | 0.40 |" in linear
+    ties = next(line for line in lines if line.startswith("| ties |"))
+    assert "| – |" in ties  # a failed mergekit run gives no ratio
+    assert "| linear | 0.80 | 0.84 | +5% | 10.0 / 21.0 |" in lines
+
+
+def test_the_readme_block_between_the_markers_is_replaced_and_the_rest_kept() -> None:
+    text = f"intro\n{START}\nold table\n{END}\noutro\n"
+    assert replace_between_markers(text, "new") == f"intro\n{START}\nnew\n{END}\noutro\n"
+    with pytest.raises(SystemExit, match="markers"):
+        replace_between_markers("no markers", "new")
