@@ -29,13 +29,14 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return tensor.sub_(base)
 
 
-def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """TIES sign election: sign(Σ_i w_i δ̃_i) per entry, a zero total counting as +; returns ±1 in the math dtype."""
-    elected = weighted_deltas[0].clone()
-    for weighted in weighted_deltas[1:]:
-        elected += weighted
-    positive = elected >= 0
-    return elected.copy_(positive).mul_(2).sub_(1)
+def elected_positive(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: True where Σ_i w_i δ̃_i ≥ 0 (a zero total counts as +), as a one-byte mask."""
+    if len(weighted_deltas) == 1:
+        return weighted_deltas[0] >= 0
+    total = torch.add(weighted_deltas[0], weighted_deltas[1])
+    for weighted in weighted_deltas[2:]:
+        total += weighted
+    return total >= 0  # the full-size total is freed here, before the per-model masks are made
 
 
 def add_task_vectors(
@@ -62,20 +63,23 @@ def add_task_vectors(
             mixed /= divisor if abs(divisor) >= NEGLIGIBLE_WEIGHT_SUM else 1.0
         return mixed.mul_(scale).add_(base)
 
-    elected = elect_sign(weighted_deltas)
-    # An entry agrees exactly when w_i δ̃_i · e > 0 (e = ±1, so the product is exact and zeros never agree).
-    # Summing the clamped products and multiplying by e once gives Σ m_i w_i δ̃_i without a mask per model.
+    positive = elected_positive(weighted_deltas)
+    # m_i: w_i δ̃_i has the elected sign (strictly: zeros never agree). Entries that disagree are zeroed in place.
+    negative = ~positive
     divisor = torch.zeros_like(base) if normalize else None
-    agrees = torch.empty_like(base) if normalize else None
     for weighted, weight in zip(weighted_deltas, weights, strict=True):
-        weighted.mul_(elected).clamp_(min=0)
+        # bool logic, then one conversion to a 0/1 factor: measured 4× faster on one CPU thread than
+        # torch.where + masked_fill_ (each op on a bool operand would convert it again)
+        agrees = (weighted > 0).logical_and_(positive).logical_or_((weighted < 0).logical_and_(negative))
+        factor = agrees.to(weighted.dtype)
+        del agrees
+        weighted.mul_(factor)
         if divisor is not None:
-            divisor.add_(torch.sign(weighted, out=agrees), alpha=weight)  # sign of a clamped product: 0 or 1
+            divisor.add_(factor, alpha=weight)
     mixed = weighted_deltas[0]
     for weighted in weighted_deltas[1:]:
         mixed += weighted
-    mixed *= elected
     if divisor is not None:
-        divisor += divisor == 0
+        divisor += divisor == 0  # a zero divisor counts as 1
         mixed /= divisor
     return mixed.mul_(scale).add_(base)
