@@ -14,6 +14,7 @@ from moemerge.executor import OutputTensor, write_tensors
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import copy_generation_config, copy_tokenizer, write_config, write_model_card
 from moemerge.io.output_dir import staged_output
+from moemerge.methods.registry import BlockSource
 from moemerge.plan.dense_plan import MergePlan, TensorMerge
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,75 @@ def merge_tensor(
     def read(model: str, name: str) -> torch.Tensor:
         return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device, rows=rows)
 
+    if rows is None and plan.method.two_pass and _is_large(merge):
+        return merge_in_two_passes(plan, merge, pool, options)
     base = read(merge.base.model, merge.base.name) if merge.base else None
     tensors = [read(item.model, item.name) for item in merge.inputs]
     if merge.fit_vocab:
         filler = base if base is not None else tensors[0]
         rows = merge.spec.shape[0]
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
-    generator = None
-    if plan.method.random:
-        # a CPU generator on every device: the same seed gives the same DARE masks with --device cpu or cuda
-        generator = torch.Generator().manual_seed(tensor_seed(options.random_seed, merge.spec.name))
+    generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
     return merged.to(merge.spec.dtype)
+
+
+def _generator(plan: MergePlan, merge: TensorMerge, options: RunOptions) -> torch.Generator | None:
+    """The tensor's own seeded generator, for random methods (DARE).
+
+    A CPU generator on every device: the same seed gives the same DARE masks with --device cpu or cuda.
+    """
+    if not plan.method.random:
+        return None
+    return torch.Generator().manual_seed(tensor_seed(options.random_seed, merge.spec.name))
+
+
+class _RowBlocks(BlockSource):
+    """One output tensor's inputs, read block by block in the math dtype on the merge device."""
+
+    def __init__(self, plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions):
+        self.plan, self.merge, self.pool, self.options = plan, merge, pool, options
+        self.numel = torch.Size(merge.spec.shape).numel()
+        self.row_numel = self.numel // merge.spec.shape[0]
+
+    def _read(self, item, rows: tuple[int, int]) -> torch.Tensor:
+        model = self.pool.get(item.model)
+        return model.read(item.name, dtype=self.plan.math_dtype, device=self.options.device, rows=rows)
+
+    def blocks(self, models=None):
+        chosen = [self.merge.inputs[i] for i in models] if models is not None else list(self.merge.inputs)
+        for rows in _row_ranges(self.merge.spec.shape):
+            base = self._read(self.merge.base, rows) if self.merge.base else None
+            yield rows[0] * self.row_numel, base, [self._read(item, rows) for item in chosen]
+
+
+def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions) -> torch.Tensor:
+    """A large tensor of a two-pass method: per-tensor statistics from the blocks, then each block merged.
+
+    Peak memory is the method's statistics buffer plus a few blocks and the output, instead of a float32
+    copy of every input and the method's full-size temporaries.
+    """
+    two_pass = plan.method.two_pass
+    assert two_pass is not None
+    source = _RowBlocks(plan, merge, pool, options)
+    stats = two_pass.statistics(source, merge.model_params, merge.method_params, _generator(plan, merge, options))
+    out = torch.empty(merge.spec.shape, dtype=merge.spec.dtype)
+    for first_entry, base, tensors in source.blocks():
+        block = two_pass.merge_block(tensors, base, merge.model_params, merge.method_params, stats, first_entry)
+        first_row = first_entry // source.row_numel
+        out[first_row : first_row + block.shape[0]].copy_(block)
+    return out
+
+
+def _is_large(merge: TensorMerge) -> bool:
+    """Worth merging in row blocks: a matrix (or more) above BLOCK_ELEMENTS whose inputs share its shape."""
+    shape = merge.spec.shape
+    return not merge.fit_vocab and len(shape) >= 2 and torch.Size(shape).numel() > BLOCK_ELEMENTS
+
+
+def _row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    rows_per_block = max(1, BLOCK_ELEMENTS // (torch.Size(shape).numel() // shape[0]))
+    return [(start, min(start + rows_per_block, shape[0])) for start in range(0, shape[0], rows_per_block)]
 
 
 def row_blocks(plan: MergePlan, merge: TensorMerge) -> list[tuple[int, int] | None]:
@@ -73,12 +131,9 @@ def row_blocks(plan: MergePlan, merge: TensorMerge) -> list[tuple[int, int] | No
     Blocks of at most BLOCK_ELEMENTS keep the working memory of a 32000 × 4096 embedding at a few blocks'
     worth instead of several full float32 copies, and let the workers share one large tensor.
     """
-    shape = merge.spec.shape
-    numel = torch.Size(shape).numel()
-    if not plan.method.elementwise or merge.fit_vocab or len(shape) < 2 or numel <= BLOCK_ELEMENTS:
+    if not plan.method.elementwise or not _is_large(merge):
         return [None]
-    rows_per_block = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
-    return [(start, min(start + rows_per_block, shape[0])) for start in range(0, shape[0], rows_per_block)]
+    return list(_row_ranges(merge.spec.shape))
 
 
 def describe_plan(plan: MergePlan) -> str:

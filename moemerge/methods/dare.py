@@ -11,8 +11,8 @@ from functools import partial
 import torch
 from pydantic import Field
 
-from moemerge.methods.registry import MergeMethod, Params, register
-from moemerge.methods.sparsify import drop_random
+from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
+from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, random_cut
 from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
 
 
@@ -54,6 +54,46 @@ def merge(
     )
 
 
+def statistics(
+    source: BlockSource,
+    model_params: Sequence[DareModelParams],
+    method_params: DareParams,
+    generator: torch.Generator | None,
+) -> list[RandomCut]:
+    """Each task vector's mask (drawn in model order, as `merge` draws them) and rescale factor."""
+    if generator is None:
+        raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
+    return [
+        random_cut(source, index, params.density, method_params.rescale, generator)
+        for index, params in enumerate(model_params)
+    ]
+
+
+def merge_block(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[DareModelParams],
+    method_params: DareParams,
+    cuts: Sequence[RandomCut],
+    first_entry: int,
+    *,
+    sign_consensus: bool,
+) -> torch.Tensor:
+    """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum."""
+    weighted_deltas = [
+        apply_random_cut(task_vector(tensor, base), cut, first_entry).mul_(params.weight)
+        for tensor, params, cut in zip(tensors, model_params, cuts, strict=True)
+    ]
+    return add_task_vectors(
+        base,
+        weighted_deltas,
+        [params.weight for params in model_params],
+        sign_consensus=sign_consensus,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
+    )
+
+
 for name, sign_consensus in (("dare_ties", True), ("dare_linear", False)):
     register(
         MergeMethod(
@@ -63,5 +103,6 @@ for name, sign_consensus in (("dare_ties", True), ("dare_linear", False)):
             method_params=DareParams,
             uses_base=True,
             random=True,
+            two_pass=TwoPass(statistics=statistics, merge_block=partial(merge_block, sign_consensus=sign_consensus)),
         )
     )

@@ -7,7 +7,7 @@ and a seeded generator; it returns the merged tensor. No files, no YAML, no glob
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,35 @@ MergeFunction = Callable[
 ]
 
 
+class BlockSource:
+    """Row blocks of one output tensor's inputs, read fresh on every pass (for two-pass methods).
+
+    `blocks(models)` yields (first flat entry, base block or None, [blocks of the inputs at `models`]) in row
+    order; `models=None` reads every input. Blocks are in the math dtype and owned by the caller.
+    """
+
+    numel: int
+
+    def blocks(
+        self, models: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TwoPass:
+    """How a method merges a large tensor in row blocks when its entries also depend on per-tensor statistics.
+
+    `statistics(source, model_params, method_params, generator)` reads the blocks as often as it needs (norms, top-k
+    thresholds) and returns what `merge_block(tensors, base, model_params, method_params, stats, first_entry)`
+    needs to merge one block like the whole tensor would: memory stays at a few blocks and one statistics buffer
+    instead of several full-size float32 copies per input.
+    """
+
+    statistics: Callable[..., object]
+    merge_block: Callable[..., torch.Tensor]
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -53,6 +82,7 @@ class MergeMethod:
     # Each output entry depends only on the same entry of each input (no norms, top-k or random draws over
     # the tensor), so a large tensor can be merged one block of rows at a time with the same bits.
     elementwise: bool = False
+    two_pass: TwoPass | None = None  # per-tensor statistics, then blocks (SLERP, TIES); None: whole tensors
 
 
 METHODS: dict[str, MergeMethod] = {}

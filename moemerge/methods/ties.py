@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from moemerge.methods.registry import MergeMethod, Params, register
-from moemerge.methods.sparsify import prune_magnitude
+from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
+from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, prune_magnitude
 from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
 
 
@@ -45,6 +45,41 @@ def merge(
     )
 
 
+def statistics(
+    source: BlockSource,
+    model_params: Sequence[TiesModelParams],
+    method_params: TiesParams,
+    generator: torch.Generator | None = None,
+) -> list[MagnitudeCut]:
+    """Each task vector's trim (threshold, last tie kept, rescale factor), gathered one model at a time."""
+    return [
+        magnitude_cut(source, index, params.density, method_params.rescale) for index, params in enumerate(model_params)
+    ]
+
+
+def merge_block(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[TiesModelParams],
+    method_params: TiesParams,
+    cuts: Sequence[MagnitudeCut],
+    first_entry: int,
+) -> torch.Tensor:
+    """One row block merged as `merge` merges the whole tensor: the same trims, sign election and sum."""
+    weighted_deltas = [
+        apply_cut(task_vector(tensor, base), cut, first_entry).mul_(params.weight)
+        for tensor, params, cut in zip(tensors, model_params, cuts, strict=True)
+    ]
+    return add_task_vectors(
+        base,
+        weighted_deltas,
+        [params.weight for params in model_params],
+        sign_consensus=True,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
+    )
+
+
 register(
     MergeMethod(
         name="ties",
@@ -52,5 +87,6 @@ register(
         model_params=TiesModelParams,
         method_params=TiesParams,
         uses_base=True,
+        two_pass=TwoPass(statistics=statistics, merge_block=merge_block),
     )
 )
