@@ -54,7 +54,8 @@ def merge_tensor(
     def read(model: str, name: str) -> torch.Tensor:
         return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device, rows=rows)
 
-    if rows is None and plan.method.two_pass and _is_large(merge):
+    # on CUDA the full tensors live in GPU memory, not the host's: one read of each beats two passes
+    if rows is None and plan.method.two_pass and str(options.device) == "cpu" and _is_large(merge):
         return merge_in_two_passes(plan, merge, pool, options)
     base = read(merge.base.model, merge.base.name) if merge.base else None
     tensors = [read(item.model, item.name) for item in merge.inputs]
