@@ -80,10 +80,10 @@ def test_edge_counts_and_shapes() -> None:
     assert top_magnitude_mask(delta, 9).all()
     assert prune_magnitude(delta, 1.0) is delta  # density 1 skips the work
     scalar = torch.tensor(-2.5)
-    assert torch.equal(prune_magnitude(scalar, 0.5), torch.tensor(0.0))  # int(0.5 · 1) = 0 kept
+    assert torch.equal(prune_magnitude(scalar.clone(), 0.5), scalar)  # int(0.5 · 1) = 0, but at least one is kept
     assert torch.equal(prune_magnitude(scalar, 1.0), scalar)
     assert top_magnitude_mask(scalar, 1).shape == ()
-    assert torch.equal(prune_magnitude(torch.tensor([3.0]), 0.99), torch.tensor([0.0]))
+    assert torch.equal(prune_magnitude(torch.tensor([3.0]), 0.99), torch.tensor([3.0]))
     assert keep_count(0.5, 7) == 3 and keep_count(1.5, 7) == 7 and keep_count(-1.0, 7) == 0
 
 
@@ -154,3 +154,10 @@ def test_cuda_tensors_get_the_cpu_seeded_mask() -> None:
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu() != 0, on_cpu != 0)
     assert torch.allclose(on_gpu.cpu(), on_cpu, rtol=1e-5)
+
+
+def test_ties_keeps_at_least_one_entry_when_density_is_positive_as_mergekit_does() -> None:
+    delta = torch.tensor([0.1, -0.7, 0.3, 0.2, 0.0, 0.05, -0.1, 0.4, 0.15, 0.25])
+    # int(0.05 · 10) = 0, but a positive density keeps the single largest magnitude
+    assert torch.equal(prune_magnitude(delta.clone(), 0.05), torch.tensor([0, -0.7, 0, 0, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal(prune_magnitude(delta.clone(), 0.0), torch.zeros(10))

@@ -24,6 +24,12 @@ def keep_count(density: float, numel: int) -> int:
     return max(0, min(numel, int(density * numel)))
 
 
+def magnitude_keep_count(density: float, numel: int) -> int:
+    """TIES: int(density · numel) entries, but at least one of a non-empty tensor when density > 0 (as mergekit)."""
+    count = keep_count(density, numel)
+    return max(1, count) if density > 0.0 and numel > 0 else count
+
+
 def top_magnitude_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k entries with the largest |value|, same shape as `values`.
 
@@ -94,7 +100,9 @@ def prune_magnitude(delta: torch.Tensor, density: float, rescale: bool = False) 
     if density >= 1.0:
         return delta
     l1_before = l1_norm(delta) if rescale else 0.0
-    delta.mul_(top_magnitude_mask(delta, keep_count(density, delta.numel())))  # × a bool mask: 2.4× masked_fill_
+    delta.mul_(
+        top_magnitude_mask(delta, magnitude_keep_count(density, delta.numel()))
+    )  # × a bool mask: 2.4× masked_fill_
     return rescale_l1(delta, l1_before) if rescale else delta
 
 
@@ -156,7 +164,7 @@ def magnitude_cut(source: BlockSource, model: int, density: float, rescale: bool
     cut, a second pass over the blocks finds the flat index of the last tied entry kept.
     """
     numel = source.numel
-    k = keep_count(density, numel)
+    k = magnitude_keep_count(density, numel)
     if k >= numel:
         return MagnitudeCut(threshold=0.0, last_tie=numel, keep_all=True)
     magnitudes: torch.Tensor | None = None
