@@ -201,9 +201,15 @@ def folder_bytes(folder: Path) -> int:
 
 def measure(command: list[str], env: dict | None = None, log: Path | None = None) -> dict:
     """Run a child; wall and CPU time, peak RSS and /proc I/O counters read before it is reaped."""
+    # Peak RSS comes from GNU time's own wait for the command: a child forked from this process (which holds
+    # torch, or the models it just generated) inherits its RSS as a high-water mark, a child of `time` does not.
+    rss_file = BENCH / "logs" / "peak-rss.txt"
+    rss_file.parent.mkdir(parents=True, exist_ok=True)
+    rss_file.unlink(missing_ok=True)
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file)] if Path("/usr/bin/time").is_file() else []
     started = time.perf_counter()
     with open(log or os.devnull, "w") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        child = subprocess.Popen([*timer, *command], stdout=output, stderr=subprocess.STDOUT, env=env)
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
         wall = time.perf_counter() - started
         io = {}
@@ -214,11 +220,14 @@ def measure(command: list[str], env: dict | None = None, log: Path | None = None
         except OSError:
             pass
         _, status, usage = os.wait4(child.pid, 0)
+    peak_kb = usage.ru_maxrss
+    if timer and rss_file.is_file() and rss_file.read_text().strip().splitlines():
+        peak_kb = int(rss_file.read_text().strip().splitlines()[-1])
     return {
         "ok": os.waitstatus_to_exitcode(status) == 0,
         "wall_s": round(wall, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_kb / 1024),
         "storage_read_mb": round(io.get("read_bytes", 0) / 1e6),
         "syscall_read_mb": round(io.get("rchar", 0) / 1e6),
         "storage_write_mb": round(io.get("write_bytes", 0) / 1e6),
