@@ -13,7 +13,7 @@ from pydantic import Field
 
 from moemerge.methods.registry import MergeMethod, Params, register
 from moemerge.methods.sparsify import prune_outliers
-from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
+from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
 
 class BreadcrumbsModelParams(Params):
@@ -37,19 +37,12 @@ def merge(
 ) -> torch.Tensor:
     """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i) with δ̃_i = δ_i minus its top-gamma and bottom magnitudes."""
     assert base is not None
-    weights = [params.weight for params in model_params]
-    weighted_deltas = []
-    for tensor, params in zip(tensors, model_params, strict=True):
-        pruned = prune_outliers(task_vector(tensor, base), params.density, params.gamma, method_params.rescale)
-        weighted_deltas.append(pruned.mul_(params.weight))
-    return add_task_vectors(
-        base,
-        weighted_deltas,
-        weights,
-        sign_consensus=sign_consensus,
-        normalize=method_params.normalize,
-        scale=method_params.lambda_,
-    )
+
+    def trim(index: int, delta: torch.Tensor) -> torch.Tensor:
+        params = model_params[index]
+        return prune_outliers(delta, params.density, params.gamma, method_params.rescale)
+
+    return merge_sparsified(tensors, base, model_params, method_params, trim, sign_consensus=sign_consensus)
 
 
 for name, sign_consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, random_cut
-from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
+from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
 
 class DareModelParams(Params):
@@ -39,19 +39,11 @@ def merge(
     assert base is not None
     if generator is None:
         raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
-    weights = [params.weight for params in model_params]
-    weighted_deltas = [
-        drop_random(task_vector(tensor, base), params.density, method_params.rescale, generator).mul_(params.weight)
-        for tensor, params in zip(tensors, model_params, strict=True)
-    ]
-    return add_task_vectors(
-        base,
-        weighted_deltas,
-        weights,
-        sign_consensus=sign_consensus,
-        normalize=method_params.normalize,
-        scale=method_params.lambda_,
-    )
+
+    def drop(index: int, delta: torch.Tensor) -> torch.Tensor:
+        return drop_random(delta, model_params[index].density, method_params.rescale, generator)
+
+    return merge_sparsified(tensors, base, model_params, method_params, drop, sign_consensus=sign_consensus)
 
 
 def statistics(
@@ -80,17 +72,13 @@ def merge_block(
     sign_consensus: bool,
 ) -> torch.Tensor:
     """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum."""
-    weighted_deltas = [
-        apply_random_cut(task_vector(tensor, base), cut, first_entry).mul_(params.weight)
-        for tensor, params, cut in zip(tensors, model_params, cuts, strict=True)
-    ]
-    return add_task_vectors(
+    return merge_sparsified(
+        tensors,
         base,
-        weighted_deltas,
-        [params.weight for params in model_params],
+        model_params,
+        method_params,
+        lambda index, delta: apply_random_cut(delta, cuts[index], first_entry),
         sign_consensus=sign_consensus,
-        normalize=method_params.normalize,
-        scale=method_params.lambda_,
     )
 
 

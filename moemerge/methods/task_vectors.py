@@ -6,7 +6,7 @@ this module elects the sign (TIES) and adds them back onto the base.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import Field
@@ -83,3 +83,30 @@ def add_task_vectors(
         divisor += divisor == 0  # a zero divisor counts as 1
         mixed /= divisor
     return mixed.mul_(scale).add_(base)
+
+
+def merge_sparsified(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[Params],
+    method_params: TaskVectorParams,
+    sparsify: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    sign_consensus: bool,
+) -> torch.Tensor:
+    """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i), δ̃_i = sparsify(i, δ_i): TIES, DARE, breadcrumbs, whole or by block.
+
+    `model_params` carry each input's `weight`; `method_params` its `normalize` and `lambda`.
+    """
+    weighted_deltas = [
+        sparsify(index, task_vector(tensor, base)).mul_(params.weight)
+        for index, (tensor, params) in enumerate(zip(tensors, model_params, strict=True))
+    ]
+    return add_task_vectors(
+        base,
+        weighted_deltas,
+        [params.weight for params in model_params],
+        sign_consensus=sign_consensus,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
+    )

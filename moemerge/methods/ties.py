@@ -9,7 +9,7 @@ from pydantic import Field
 
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, prune_magnitude
-from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors, task_vector
+from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
 
 class TiesModelParams(Params):
@@ -30,19 +30,11 @@ def merge(
 ) -> torch.Tensor:
     """base + λ Σ_i m_i w_i δ̃_i / Σ_i m_i w_i with δ̃_i the top-density magnitudes of δ_i, m_i sign agreement."""
     assert base is not None
-    weights = [params.weight for params in model_params]
-    weighted_deltas = [
-        prune_magnitude(task_vector(tensor, base), params.density, method_params.rescale).mul_(params.weight)
-        for tensor, params in zip(tensors, model_params, strict=True)
-    ]
-    return add_task_vectors(
-        base,
-        weighted_deltas,
-        weights,
-        sign_consensus=True,
-        normalize=method_params.normalize,
-        scale=method_params.lambda_,
-    )
+
+    def trim(index: int, delta: torch.Tensor) -> torch.Tensor:
+        return prune_magnitude(delta, model_params[index].density, method_params.rescale)
+
+    return merge_sparsified(tensors, base, model_params, method_params, trim, sign_consensus=True)
 
 
 def statistics(
@@ -66,17 +58,13 @@ def merge_block(
     first_entry: int,
 ) -> torch.Tensor:
     """One row block merged as `merge` merges the whole tensor: the same trims, sign election and sum."""
-    weighted_deltas = [
-        apply_cut(task_vector(tensor, base), cut, first_entry).mul_(params.weight)
-        for tensor, params, cut in zip(tensors, model_params, cuts, strict=True)
-    ]
-    return add_task_vectors(
+    return merge_sparsified(
+        tensors,
         base,
-        weighted_deltas,
-        [params.weight for params in model_params],
+        model_params,
+        method_params,
+        lambda index, delta: apply_cut(delta, cuts[index], first_entry),
         sign_consensus=True,
-        normalize=method_params.normalize,
-        scale=method_params.lambda_,
     )
 
 
