@@ -80,12 +80,7 @@ def resolve_model_params(
     t: float,
     where: str,
 ) -> Params:
-    values = {}
-    for name in field_names(method.model_params):
-        value = lookup(name, levels, tensor_name, t)
-        if value is not None:
-            values[name] = value
-    return _build(method.model_params, values, f"{where} ({tensor_name})")
+    return _resolve(method.model_params, levels, tensor_name, t, f"{where} ({tensor_name})")
 
 
 def resolve_method_params(
@@ -94,9 +89,16 @@ def resolve_method_params(
     tensor_name: str,
     t: float,
 ) -> Params:
+    return _resolve(method.method_params, levels, tensor_name, t, f"parameters ({tensor_name})")
+
+
+def _resolve(
+    params_type: type[Params], levels: Sequence[Mapping[str, ParameterValue]], tensor_name: str, t: float, where: str
+) -> Params:
+    """Each field of `params_type` from the first level that sets it for this tensor, validated together."""
     values = {}
-    for name in field_names(method.method_params):
+    for name in field_names(params_type):
         value = lookup(name, levels, tensor_name, t)
         if value is not None:
             values[name] = value
-    return _build(method.method_params, values, f"parameters ({tensor_name})")
+    return _build(params_type, values, where)
