@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import copy_generation_config, copy_tokenizer, write_config, write_model_card
 from moemerge.io.output_dir import staged_output
 from moemerge.methods.registry import BlockSource
-from moemerge.plan.dense_plan import MergePlan, TensorMerge
+from moemerge.plan.dense_plan import MergePlan, TensorInput, TensorMerge
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,12 @@ def merge_tensor(
     plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions, rows: tuple[int, int] | None = None
 ) -> torch.Tensor:
     """The merged tensor, or only its rows [start, stop) for an elementwise method."""
-
-    def read(model: str, name: str) -> torch.Tensor:
-        return pool.get(model).read(name, dtype=plan.math_dtype, device=options.device, rows=rows)
-
     # on CUDA the full tensors live in GPU memory, not the host's: one read of each beats two passes
     two_pass_size = TWO_PASS_BLOCKS * BLOCK_ELEMENTS
     if rows is None and plan.method.two_pass and str(options.device) == "cpu" and _is_large(merge, two_pass_size):
         return merge_in_two_passes(plan, merge, pool, options)
-    base = read(merge.base.model, merge.base.name) if merge.base else None
-    tensors = [read(item.model, item.name) for item in merge.inputs]
+    base = read_input(plan, pool, options, merge.base, rows) if merge.base else None
+    tensors = [read_input(plan, pool, options, item, rows) for item in merge.inputs]
     if merge.fit_vocab:
         filler = base if base is not None else tensors[0]
         rows = merge.spec.shape[0]
@@ -71,6 +68,13 @@ def merge_tensor(
     generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
     return merged.to(merge.spec.dtype)
+
+
+def read_input(
+    plan: MergePlan, pool: ModelPool, options: RunOptions, item: TensorInput, rows: tuple[int, int] | None
+) -> torch.Tensor:
+    """One input tensor (or its rows [start, stop)) in the math dtype, on the merge device."""
+    return pool.get(item.model).read(item.name, dtype=plan.math_dtype, device=options.device, rows=rows)
 
 
 def _generator(plan: MergePlan, merge: TensorMerge, options: RunOptions) -> torch.Generator | None:
@@ -91,15 +95,11 @@ class _RowBlocks(BlockSource):
         self.numel = torch.Size(merge.spec.shape).numel()
         self.row_numel = self.numel // merge.spec.shape[0]
 
-    def _read(self, item, rows: tuple[int, int]) -> torch.Tensor:
-        model = self.pool.get(item.model)
-        return model.read(item.name, dtype=self.plan.math_dtype, device=self.options.device, rows=rows)
-
     def blocks(self, models=None):
         chosen = [self.merge.inputs[i] for i in models] if models is not None else list(self.merge.inputs)
         for rows in _row_ranges(self.merge.spec.shape):
-            base = self._read(self.merge.base, rows) if self.merge.base else None
-            yield rows[0] * self.row_numel, base, [self._read(item, rows) for item in chosen]
+            read = partial(read_input, self.plan, self.pool, self.options, rows=rows)
+            yield rows[0] * self.row_numel, read(self.merge.base) if self.merge.base else None, list(map(read, chosen))
 
 
 def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, options: RunOptions) -> torch.Tensor:
@@ -140,7 +140,7 @@ def row_blocks(plan: MergePlan, merge: TensorMerge) -> list[tuple[int, int] | No
     """
     if not plan.method.elementwise or not _is_large(merge):
         return [None]
-    return list(_row_ranges(merge.spec.shape))
+    return _row_ranges(merge.spec.shape)
 
 
 def describe_plan(plan: MergePlan) -> str:

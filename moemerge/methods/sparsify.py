@@ -11,6 +11,7 @@ dropped negative entries become -0.0, as they do in mergekit.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,8 +169,7 @@ def magnitude_cut(source: BlockSource, model: int, density: float, rescale: bool
     if k >= numel:
         return MagnitudeCut(threshold=0.0, last_tie=numel, keep_all=True)
     magnitudes: torch.Tensor | None = None
-    for first, base, (tensor,) in source.blocks([model]):
-        block = tensor.sub_(base).abs_().reshape(-1)
+    for first, block in _block_magnitudes(source, model):
         if magnitudes is None:
             magnitudes = torch.empty(numel, dtype=block.dtype, device=block.device)
         magnitudes[first : first + block.numel()] = block
@@ -190,14 +190,20 @@ def magnitude_cut(source: BlockSource, model: int, density: float, rescale: bool
     cut = MagnitudeCut(threshold=float(threshold), last_tie=-1 if ties_kept == 0 else numel, factor=factor)
     if 0 < ties_kept < ties:  # a tie straddles the cut: find the flat index of the ties_kept-th tied entry
         seen = 0
-        for first, base, (tensor,) in source.blocks([model]):
-            at_threshold = tensor.sub_(base).abs_().reshape(-1) == threshold
+        for first, block in _block_magnitudes(source, model):
+            at_threshold = block == threshold
             count = int(torch.count_nonzero(at_threshold))
             if seen + count >= ties_kept:
                 position = int(torch.nonzero(at_threshold).reshape(-1)[ties_kept - seen - 1])
                 return MagnitudeCut(threshold=cut.threshold, last_tie=first + position, factor=factor)
             seen += count
     return cut
+
+
+def _block_magnitudes(source: BlockSource, model: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first flat entry, |δ| of the block, flattened) for each row block of input `model`'s task vector."""
+    for first, base, (tensor,) in source.blocks([model]):
+        yield first, tensor.sub_(base).abs_().reshape(-1)
 
 
 def apply_cut(delta: torch.Tensor, cut: MagnitudeCut, first_entry: int) -> torch.Tensor:
@@ -232,8 +238,7 @@ def random_cut(source: BlockSource, model: int, density: float, rescale: bool, g
     if not rescale:
         return RandomCut(keep=keep)
     l1_before = l1_kept = 0.0
-    for first, base, (tensor,) in source.blocks([model]):
-        magnitude = tensor.sub_(base).abs_().reshape(-1)
+    for first, magnitude in _block_magnitudes(source, model):
         l1_before += l1_norm(magnitude)
         l1_kept += l1_norm(magnitude.mul_(keep[first : first + magnitude.numel()].to(magnitude.device)))
     return RandomCut(keep=keep, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0)
