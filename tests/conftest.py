@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from lora_fixtures import lora_models  # noqa: F401  (session fixture of the LoRA tests)
 from safetensors import safe_open
 from split_fixtures import split_models  # noqa: F401  (session fixture of the moemerge-split tests)
 

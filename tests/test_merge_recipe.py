@@ -54,7 +54,7 @@ def test_out_dtype_overrides_saved_dtype(write_recipe):
             },
             "same number of layers",
         ),
-        ({"merge_method": "linear", "models": [{"model": "a+lora"}]}, "LoRA"),
+        ({"merge_method": "linear", "models": [{"model": "a+lora+more"}]}, "MODEL+LORA_ADAPTER"),
     ],
 )
 def test_bad_recipes_name_the_key(write_recipe, recipe, message):

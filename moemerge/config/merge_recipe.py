@@ -47,9 +47,9 @@ class ModelEntry(Strict):
 
     @field_validator("model")
     @classmethod
-    def _no_lora(cls, model: str) -> str:
-        if "+" in model:
-            raise ValueError(f"{model!r}: model+LoRA references are not supported yet; merge the LoRA first")
+    def _at_most_one_adapter(cls, model: str) -> str:
+        if model.count("+") > 1 or model.startswith("+") or model.endswith("+"):
+            raise ValueError(f"{model!r}: expected MODEL or MODEL+LORA_ADAPTER (mergekit's syntax)")
         return model
 
 

@@ -104,6 +104,12 @@ class LazyModel:
 
     @classmethod
     def open(cls, reference: str) -> LazyModel:
+        """A model reference, or mergekit's `base+lora_adapter`: the base read through the adapter."""
+        if "+" in reference:
+            from moemerge.lora.adapter import AdaptedModel, split_lora_reference  # builds on this loader
+
+            model_reference, adapter_reference = split_lora_reference(reference)
+            return AdaptedModel(resolve_model(model_reference), reference, adapter_reference)
         return cls(resolve_model(reference), label=reference)
 
     @cached_property
