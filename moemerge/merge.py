@@ -37,6 +37,8 @@ class RunOptions:
     progress: bool = True
     max_memory: int | None = None
     workers: int | None = None
+    executor: str = "local"  # local | ray: output shards as Ray tasks (moemerge.distributed.ray_shards)
+    ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -169,11 +171,9 @@ def describe_plan(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def run_merge(
-    plan: MergePlan, recipe: MergeRecipe, recipe_text: str, pool: ModelPool, out: Path, options: RunOptions
-) -> Path:
-    """Write the merged model folder at `out`, atomically."""
-    outputs = [
+def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> list[OutputTensor]:
+    """Every output tensor (or row block of one) of the plan, in plan order, with how to compute it."""
+    return [
         OutputTensor(
             merge.spec,
             lambda merge=merge, rows=rows: merge_tensor(plan, merge, pool, options, rows),
@@ -183,16 +183,27 @@ def run_merge(
         for merge in plan.merges
         for rows in row_blocks(plan, merge)
     ]
+
+
+def run_merge(
+    plan: MergePlan, recipe: MergeRecipe, recipe_text: str, pool: ModelPool, out: Path, options: RunOptions
+) -> Path:
+    """Write the merged model folder at `out`, atomically."""
     with staged_output(out, options.overwrite) as folder:
-        write_tensors(
-            folder,
-            outputs,
-            max_shard_bytes=options.out_shard_size,
-            progress=options.progress,
-            description=f"{plan.method.name} merge",
-            max_memory=options.max_memory,
-            workers=options.workers,
-        )
+        if options.executor == "ray":
+            from moemerge.distributed.ray_shards import write_shards_on_ray
+
+            write_shards_on_ray(folder, plan, options, [merge.spec for merge in plan.merges])
+        else:
+            write_tensors(
+                folder,
+                planned_outputs(plan, pool, options),
+                max_shard_bytes=options.out_shard_size,
+                progress=options.progress,
+                description=f"{plan.method.name} merge",
+                max_memory=options.max_memory,
+                workers=options.workers,
+            )
         reference_folder = pool.get(plan.reference).folder
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)
         copy_generation_config(reference_folder, folder)

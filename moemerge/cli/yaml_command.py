@@ -38,6 +38,14 @@ from moemerge.plan.dense_plan import plan_merge
 @workers_option
 @copy_tokenizer_option
 @click.option("--allow-crimes", is_flag=True, help="Skip inputs whose tensor shapes do not match instead of failing.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: write the output shards as Ray tasks (pip install 'moemerge[ray]').",
+)
+@click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
 @trust_remote_code_option
 @overwrite_option
 @dry_run_option
@@ -63,6 +71,8 @@ def main(
     workers: int | None,
     copy_tokenizer: bool,
     allow_crimes: bool,
+    executor: str,
+    ray_address: str | None,
     trust_remote_code: bool,
     overwrite: bool,
     dry_run: bool,
@@ -90,6 +100,8 @@ def main(
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
         progress=not quiet,
+        executor=executor,
+        ray_address=ray_address,
     )
     run_merge(plan, recipe, recipe_text, pool, out, options)
     if not quiet:
