@@ -16,6 +16,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from moemerge.quality import Perplexity, heldout_perplexity  # noqa: F401  (the scripts' yardstick)
+
 # Folders left out: test suites (huge, repetitive data files), IDLE and lib2to3 (large, niche),
 # demos, and third-party packages installed into this interpreter.
 EXCLUDED_FOLDERS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
@@ -93,43 +95,3 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
     return stream
-
-
-@dataclass(frozen=True)
-class Perplexity:
-    """Held-out perplexity: exp of the mean next-token negative log-likelihood over `tokens` predictions."""
-
-    perplexity: float
-    mean_nll: float
-    tokens: int
-
-
-def heldout_perplexity(
-    model_folder: Path, token_ids: list[int], *, window: int = 256, batch_size: int = 8, device: str = "cpu"
-) -> Perplexity:
-    """Perplexity of the model in `model_folder` on `token_ids` cut into non-overlapping windows.
-
-    ppl = exp(sum of -log p(t_i | t_<i within its window) / number of predicted tokens); the first token
-    of each window is context only, and a tail shorter than `window` is dropped.
-    """
-    import math
-
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).to(device).eval()
-    window_count = len(token_ids) // window
-    if window_count == 0:
-        raise ValueError(f"need at least {window} tokens, got {len(token_ids)}")
-    windows = torch.tensor(token_ids[: window_count * window], dtype=torch.long).view(window_count, window)
-    total_nll = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total_nll += nll.double().cpu()
-    predicted = window_count * (window - 1)
-    mean_nll = total_nll.item() / predicted
-    return Perplexity(perplexity=math.exp(mean_nll), mean_nll=mean_nll, tokens=predicted)

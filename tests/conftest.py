@@ -68,3 +68,22 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         for file in sorted(folder.glob("*.bin")):
             tensors.update(torch.load(file, weights_only=True))
     return tensors
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray of 2 CPUs for the session (starting Ray takes seconds), for --executor ray and evolve.
+
+    Its workers die once, halfway through shard 2 of a Ray merge (the MOEMERGE_TEST_DIE_IN_SHARD hook in
+    moemerge.distributed.ray_shards): Ray's retry must still give byte-identical shards.
+    """
+    import os
+
+    ray = pytest.importorskip("ray")
+    marker = tmp_path_factory.mktemp("ray") / "died"
+    os.environ["MOEMERGE_TEST_DIE_IN_SHARD"] = f"2:{marker}"  # workers inherit the environment at start
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.death_marker = marker
+    yield ray
+    ray.shutdown()
+    del os.environ["MOEMERGE_TEST_DIE_IN_SHARD"]

@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """One local Ray of 2 CPUs for the module (starting Ray takes seconds)."""
-    # a worker dies once, halfway through shard 2 (see write_one_shard): Ray's retry must rewrite it whole
-    marker = tmp_path_factory.mktemp("die") / "died"
-    os.environ["MOEMERGE_TEST_DIE_IN_SHARD"] = f"2:{marker}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.marker = marker
-    yield ray
-    ray.shutdown()
-    del os.environ["MOEMERGE_TEST_DIE_IN_SHARD"]
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -52,4 +38,4 @@ def test_ray_shards_equal_local_bytes(local_ray, toy_models, write_recipe, run_y
     assert len(shards) > 3  # several shards, so several tasks
     assert digests(distributed) == shards
     assert not [path for path in distributed.iterdir() if path.name.startswith(".shard-")]
-    assert local_ray.marker.exists()  # the worker did die once, and the retried shard is still byte-identical
+    assert local_ray.death_marker.exists()  # the worker did die once, and the retried shard is still byte-identical

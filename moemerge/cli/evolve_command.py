@@ -1,0 +1,93 @@
+"""`moemerge-evolve CONFIG OUT`: search a recipe template's parameter ranges with CMA-ES, candidates scored on Ray."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from moemerge.cli.options import quiet_option, user_errors, verbose_option
+
+
+def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from moemerge.io.writer import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--population", type=click.IntRange(min=2), default=8, show_default=True, help="Candidates per generation."
+)
+@click.option("--generations", type=click.IntRange(min=1), default=10, show_default=True, help="Generations to run.")
+@click.option("--random-seed", "seed", type=int, default=0, show_default=True, help="Seed of the search.")
+@click.option(
+    "--sigma",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.25,
+    show_default=True,
+    help="Initial CMA-ES step, as a share of each range.",
+)
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="Candidates scored at once.")
+@click.option("--task-cpus", type=float, default=1.0, show_default=True, help="CPUs Ray reserves per candidate.")
+@click.option("--task-gpus", type=float, default=0.0, show_default=True, help="GPUs Ray reserves per candidate.")
+@click.option("--task-memory", default=None, callback=_size, help="Memory Ray reserves per candidate, e.g. 8G.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where candidates are scored.",
+)
+@click.option("--resume", is_flag=True, help="Continue the search recorded in OUT.")
+@click.option("--overwrite", is_flag=True, help="Start over in a non-empty OUT.")
+@verbose_option
+@quiet_option
+@user_errors
+def main(
+    config_path: Path,
+    out: Path,
+    population: int,
+    generations: int,
+    seed: int,
+    sigma: float,
+    max_concurrent: int | None,
+    task_cpus: float,
+    task_gpus: float,
+    task_memory: int | None,
+    ray_address: str | None,
+    device: str,
+    resume: bool,
+    overwrite: bool,
+    verbose: bool,
+    quiet: bool,
+) -> None:
+    """Search the ranges ({min, max}) of the recipe template in CONFIG; results and the best recipe go to OUT."""
+    from moemerge.config.merge_recipe import read_yaml
+    from moemerge.errors import ConfigError
+    from moemerge.evolve.objective import objective_from_config
+    from moemerge.evolve.search import BEST, SearchSettings, run_search
+
+    data, _ = read_yaml(config_path)
+    unknown = set(data) - {"template", "objective"}
+    if unknown or "template" not in data or "objective" not in data:
+        raise ConfigError(f"{config_path.name}: give exactly the keys 'template' and 'objective'")
+    if not isinstance(data["objective"], dict) or not isinstance(data["template"], dict):
+        raise ConfigError(f"{config_path.name}: 'template' and 'objective' must be mappings")
+    objective = replace(objective_from_config(data["objective"], config_path.parent), device=device)
+    settings = SearchSettings(
+        population, generations, seed, sigma, max_concurrent, task_cpus, task_gpus, task_memory, ray_address
+    )
+    report = (lambda _line: None) if quiet else click.echo
+    result = run_search(data["template"], objective, out, settings, resume=resume, overwrite=overwrite, report=report)
+    if not quiet:
+        click.echo(f"best score {result.best_score:.6g}; recipe: {out / BEST} (run it with moemerge-yaml)")

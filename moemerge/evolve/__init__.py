@@ -1,0 +1,1 @@
+"""`moemerge-evolve`: search a recipe's parameters with CMA-ES, each candidate merged in memory and scored on Ray."""
