@@ -35,8 +35,11 @@ def test_out_dtype_overrides_saved_dtype(write_recipe):
 @pytest.mark.parametrize(
     ("recipe", "message"),
     [
-        ({"merge_method": "linear", "modles": [{"model": "a"}]}, "modles: unknown key"),
-        ({"merge_method": "linear"}, "exactly one of 'models' or 'slices'"),
+        (
+            {"merge_method": "linear", "modles": [{"model": "a"}]},
+            "modles: unknown key (did you mean 'modules' or 'models'?)",
+        ),
+        ({"merge_method": "linear"}, "exactly one of 'models', 'slices' or 'modules'"),
         ({"models": [{"model": "a"}]}, "merge_method: required key is missing"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float17"}, "unknown dtype 'float17'"),
         (

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moemerge.config.keys import did_you_mean, schema_keys
 from moemerge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -30,20 +34,64 @@ class Conditional(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Scalar | list[float]
+    value: Scalar | list[Scalar]
 
 
-# A scalar, a gradient (list of numbers over the layers), or a list of filtered values.
-ParameterValue = Scalar | list[float] | list[Conditional]
+# A scalar, a gradient (a list over the layers: numbers interpolate, booleans and strings are picked per layer),
+# or filtered values (one `{filter, value}` mapping or a list of them).
+ParameterValue = Scalar | list[Scalar] | Conditional | list[Conditional]
+
+
+def _empty_when_null(value: Any) -> Any:
+    return {} if value is None else value  # `parameters:` with every key commented out is an empty mapping
+
+
+Parameters = Annotated[dict[str, ParameterValue], BeforeValidator(_empty_when_null)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _ignored_key(data: Any, key: str, where: str, why: str) -> Any:
+    """Drop a key mergekit tolerates but that changes nothing, with a warning that names it."""
+    if isinstance(data, dict) and key in data:
+        data = dict(data)
+        data.pop(key)
+        log.warning("%s%s: ignored (%s)", where, key, why)
+    return data
+
+
+def _model_string(model: Any) -> Any:
+    """mergekit's mapping forms of a model reference (`{path, revision}`, `{model: {path, revision}}`) as a string."""
+    if isinstance(model, dict) and set(model) <= {"model", "lora", "override_architecture"} and "model" in model:
+        if model.get("lora") or model.get("override_architecture"):
+            raise ValueError("model references with 'lora' or 'override_architecture' are not supported yet")
+        model = model["model"]
+    if isinstance(model, dict) and set(model) <= {"path", "revision"} and "path" in model:
+        return f"{model['path']}@{model['revision']}" if model.get("revision") else model["path"]
+    return model
+
+
 class ModelEntry(Strict):
     model: str
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _revision(cls, data: Any) -> Any:
+        """A per-source `revision:` is the same as `model: name@revision`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data, model=_model_string(data.get("model")))
+        revision = data.pop("revision", None)
+        if revision is not None:
+            model = data.get("model")
+            if isinstance(model, str) and "@" in model and model.split("@", 1)[1] != str(revision):
+                raise ValueError(f"revision {revision!r} contradicts the revision in model {model!r}")
+            if isinstance(model, str) and "@" not in model:
+                data["model"] = f"{model}@{revision}"
+        return data
 
     @field_validator("model")
     @classmethod
@@ -67,8 +115,13 @@ class SliceSource(ModelEntry):
 
 class OutputSlice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
     base_model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stray(cls, data: Any) -> Any:
+        return _ignored_key(data, "residual_weight", "slices[]: ", "mergekit 0.1.5 reads it nowhere either")
 
     @model_validator(mode="after")
     def _same_length(self) -> OutputSlice:
@@ -79,16 +132,41 @@ class OutputSlice(Strict):
         return self
 
 
+class OutputModule(Strict):
+    """One entry of `modules:`: a module group's own `models:` or `slices:`, and its parameters."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> OutputModule:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        return self
+
+
 class MergeRecipe(Strict):
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     base_model: str | None = None
-    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    name: str | None = None  # mergekit multi-stage name; accepted, unused
+    name: str | None = None  # a stage's name in a multi-document recipe; a single recipe ignores it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stray(cls, data: Any) -> Any:
+        return _ignored_key(data, "out_path", "", "the output folder is the command's OUT argument")
+
+    @field_validator("base_model", "tokenizer_source", mode="before")
+    @classmethod
+    def _reference(cls, value: Any) -> Any:
+        return _model_string(value)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -106,12 +184,11 @@ class MergeRecipe(Strict):
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeRecipe:
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty")
-        if self.slices is not None and not self.slices:
-            raise ValueError("'slices' is empty")
+        given = [key for key in ("models", "slices", "modules") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
+        if not getattr(self, given[0]):
+            raise ValueError(f"{given[0]!r} is empty")
         return self
 
     @property
@@ -124,40 +201,52 @@ class MergeRecipe(Strict):
         return DTYPES[name] if name else None
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+def describe_validation_error(error: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:
     """The first pydantic error as `key.path: message` (one line, naming the key)."""
     first = error.errors()[0]
     location = ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in first["loc"])
     location = location.replace(".[", "[")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
+        key = str(first["loc"][-1]) if first["loc"] else ""
+        message = "unknown key" + did_you_mean(key, schema_keys(schema or MergeRecipe))
     elif first["type"] == "missing":
         message = "required key is missing"
     return f"{prefix}{location}: {message}" if location else f"{prefix}{message}"
 
 
-def read_yaml(path: Path) -> tuple[dict[str, Any], str]:
-    """The YAML mapping in `path` and its text; a missing file or bad YAML is a ConfigError."""
+def read_yaml_documents(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """The YAML mappings in `path` (one per `---` document) and its text; unreadable or bad YAML is a ConfigError."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"cannot read recipe {path}: {error.strerror or error}") from None
     try:
-        data = yaml.safe_load(text)
+        documents = [data for data in yaml.safe_load_all(text) if data is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
+    if not documents or not all(isinstance(data, dict) for data in documents):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping of keys (merge_method, models, ...)")
-    return data, text
+    return documents, text
+
+
+def parse_merge_recipe(data: dict[str, Any], where: str) -> MergeRecipe:
+    """One recipe document, validated; errors name `where` and the key."""
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, prefix=f"{where}: ")) from None
 
 
 def load_merge_recipe(path: Path) -> tuple[MergeRecipe, str]:
-    data, text = read_yaml(path)
-    try:
-        return MergeRecipe.model_validate(data), text
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, prefix=f"{Path(path).name}: ")) from None
+    """A single-document recipe and its text (multi-stage files: `moemerge.config.stages.load_stages`)."""
+    documents, text = read_yaml_documents(path)
+    if len(documents) > 1:
+        raise ConfigError(f"{Path(path).name}: {len(documents)} YAML documents: a multi-stage recipe, run it whole")
+    recipe = parse_merge_recipe(documents[0], Path(path).name)
+    if recipe.name is not None:
+        log.warning("name: ignored (%r names a stage only in a multi-document recipe)", recipe.name)
+    return recipe, text

@@ -18,6 +18,7 @@ from moemerge.errors import ConfigError, TensorError
 from moemerge.io.loader import LazyModel, ModelPool
 from moemerge.io.writer import TensorSpec
 from moemerge.methods.registry import MergeMethod, Params, get_method
+from moemerge.plan.modules import ModuleRecipe, recipe_modules
 from moemerge.plan.parameters import check_names, layer_position, resolve_method_params, resolve_model_params
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,18 @@ def _model_layers(model: LazyModel, arch: Architecture) -> int:
 
 
 def _normalised_slices(
-    recipe: MergeRecipe, method: MergeMethod, pool: ModelPool, arch: Architecture
+    recipe: MergeRecipe, module: ModuleRecipe, method: MergeMethod, pool: ModelPool, arch: Architecture
 ) -> list[OutputSlice]:
-    """The recipe as slices: a `models:` recipe is one slice spanning every layer of every model."""
-    if recipe.slices is not None:
-        return recipe.slices
-    entries = list(recipe.models or [])
+    """The module as slices: `models:` is one slice spanning every layer of every model."""
+    if module.slices is not None:
+        return module.slices
+    entries = list(module.models or [])
     if method.uses_base and recipe.base_model not in [entry.model for entry in entries]:
         entries.append(SliceSource(model=recipe.base_model, layer_range=(0, 1)))  # range fixed below
     counts = {entry.model: _model_layers(pool.get(entry.model), arch) for entry in entries}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{model} ({count})" for model, count in counts.items())
-        raise ConfigError(f"models: layer counts differ ({listed}); use 'slices' to choose layer ranges")
+        raise ConfigError(f"{module.where}models: layer counts differ ({listed}); use 'slices' to choose layer ranges")
     sources = [
         SliceSource(model=entry.model, parameters=entry.parameters, layer_range=(0, counts[entry.model]))
         for entry in entries
@@ -88,16 +89,19 @@ def _normalised_slices(
     return [OutputSlice(sources=sources)]
 
 
-def _check_sources(recipe: MergeRecipe, method: MergeMethod, slices: list[OutputSlice]) -> None:
-    where = "models" if recipe.slices is None else "slices"
+def _check_sources(recipe: MergeRecipe, module: ModuleRecipe, method: MergeMethod, slices: list[OutputSlice]) -> None:
+    where = f"{module.where}models" if module.slices is None else f"{module.where}slices"
     check_names(method, recipe.parameters, "parameters")
+    if module.where:
+        check_names(method, module.parameters, f"{module.where}parameters")
     for index, output_slice in enumerate(slices):
         base = output_slice.base_model or recipe.base_model
         others = [source for source in output_slice.sources if not (method.uses_base and source.model == base)]
-        label = where if recipe.slices is None else f"slices[{index}]"
-        check_names(method, output_slice.parameters, f"{label}.parameters")
+        label = where if module.slices is None else f"{where}[{index}]"
+        if module.slices is not None:
+            check_names(method, output_slice.parameters, f"{label}.parameters")
         for position, source in enumerate(output_slice.sources):
-            source_label = f"models[{position}]" if recipe.slices is None else f"{label}.sources[{position}]"
+            source_label = f"{where}[{position}]" if module.slices is None else f"{label}.sources[{position}]"
             check_names(method, source.parameters, f"{source_label}.parameters")
         if method.single_source and len(output_slice.sources) != 1:
             raise ConfigError(
@@ -120,12 +124,12 @@ class _Planner:
         self.method = get_method(recipe.merge_method)
         if self.method.uses_base and not recipe.base_model:
             raise ConfigError(f"base_model: required by merge_method {self.method.name!r}")
-        first_model = recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model
-        self.reference = recipe.base_model or first_model
+        self.reference = recipe.base_model or _first_model(recipe)
         self.reference_model = pool.get(self.reference)
         self.arch = architecture_for_config(self.reference_model.config, model_label=self.reference)
-        self.slices = _normalised_slices(recipe, self.method, pool, self.arch)
-        _check_sources(recipe, self.method, self.slices)
+        (self.module,) = recipe_modules(recipe, self.arch)
+        self.slices = _normalised_slices(recipe, self.module, self.method, pool, self.arch)
+        _check_sources(recipe, self.module, self.method, self.slices)
         self.merges: list[TensorMerge] = []
         self.source_layers: list[tuple[str, int]] = []  # output layer -> (model, layer) it came from
 
@@ -198,12 +202,12 @@ class _Planner:
         return offset + length
 
     def _check_range(self, index: int, source: SliceSource) -> None:
-        if self.recipe.slices is None:
+        if self.module.slices is None:
             return
         count = _model_layers(self.pool.get(source.model), self.arch)
         if source.layer_range[1] > count:
             raise ConfigError(
-                f"slices[{index}]: layer_range {list(source.layer_range)} of {source.model!r} "
+                f"{self.module.where}slices[{index}]: layer_range {list(source.layer_range)} of {source.model!r} "
                 f"goes past its {count} layers"
             )
 
@@ -250,13 +254,14 @@ class _Planner:
             kept.append((source, name))
         if not kept:
             raise TensorError(f"{output_name}: no input left to merge after skipping mismatched shapes")
-        levels_global = [output_slice.parameters, self.recipe.parameters]
+        levels_global = [output_slice.parameters, self.module.parameters, self.recipe.parameters]
+        # per-model filters match the source tensor's own name (as mergekit), not the renumbered output name
         model_params = tuple(
-            resolve_model_params(self.method, [source.parameters, *levels_global], output_name, t, source.model)
-            for source, _ in kept
+            resolve_model_params(self.method, [source.parameters, *levels_global], name, t, source.model)
+            for source, name in kept
         )
         method_params = resolve_method_params(self.method, levels_global, output_name, t)
-        dtype = self.recipe.saved_dtype or reference.dtype(reference_name)
+        dtype = self.recipe.saved_dtype or self._promoted_dtype(kept, base)
         self.merges.append(
             TensorMerge(
                 spec=TensorSpec(output_name, shape, dtype),
@@ -267,6 +272,15 @@ class _Planner:
                 fit_vocab=fit_vocab,
             )
         )
+
+    def _promoted_dtype(self, inputs: list[tuple[SliceSource, str]], base: tuple[str, str] | None) -> torch.dtype:
+        """Without `dtype`, a tensor keeps the promoted dtype of its inputs (bf16 + float32 → float32), as mergekit."""
+        stored = [(source.model, name) for source, name in inputs] + ([base] if base else [])
+        dtypes = [self.pool.get(model).dtype(name) for model, name in stored]
+        promoted = dtypes[0]
+        for dtype in dtypes[1:]:
+            promoted = torch.promote_types(promoted, dtype)
+        return promoted
 
     def _output_config(self, total_layers: int) -> dict:
         config = dict(self.reference_model.config)
@@ -285,6 +299,11 @@ class _Planner:
         if not isinstance(values, list) or layer >= len(values):
             values = self.reference_model.config[key]
         return values[layer]
+
+
+def _first_model(recipe: MergeRecipe) -> str:
+    module = next(iter(recipe.modules.values())) if recipe.modules else recipe
+    return module.models[0].model if module.models else module.slices[0].sources[0].model
 
 
 def plan_merge(recipe: MergeRecipe, pool: ModelPool, *, allow_crimes: bool = False) -> MergePlan:
