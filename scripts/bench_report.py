@@ -31,9 +31,43 @@ def _gb(megabytes: float) -> str:
     return f"{megabytes / 1000:.2f}"
 
 
+VARIANTS = (("", "cold", "float32"), ("-bf16", "cold", "bfloat16"), ("-warm", "warm", "float32"),
+            ("-bf16-warm", "warm", "bfloat16"))  # fmt: skip
+
+
+def _recipes(results: dict) -> list[str]:
+    """Recipe names in the results: the original six first, then the others alphabetically."""
+    names = {row["recipe"] for row in results.values() if isinstance(row, dict) and "recipe" in row}
+    return [name for name in ORDER if name in names] + sorted(names - set(ORDER))
+
+
 def _rows(results: dict, layers: int, label: str = "") -> list[dict]:
-    rows = [results.get(f"{name}-{layers}L{label}") for name in ORDER]
+    rows = [results.get(f"{name}-{layers}L{label}") for name in _recipes(results)]
     return [row for row in rows if row and row.get("moemerge", {}).get("ok")]
+
+
+def matrix_table(results: dict) -> str:
+    """Every recipe in each cache state and math dtype measured: against mergekit and that run's I/O floor."""
+    lines = [
+        "| recipe | cache | math dtype | moemerge wall s | mergekit wall s | wall ratio | I/O floor s "
+        "| moemerge / floor | moemerge peak RSS GB | mergekit peak RSS GB | RSS ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in _recipes(results):
+        for suffix, cache, dtype in VARIANTS:
+            row = results.get(f"{name}-8L{suffix}")
+            if not row or not row.get("moemerge", {}).get("ok"):
+                continue
+            ours, theirs = row["moemerge"], row.get("mergekit", {})
+            theirs = theirs if theirs.get("ok") else {}
+            lines.append(
+                f"| {name} | {cache} | {dtype} | {ours['wall_s']:.1f} | {_seconds(theirs)} "
+                f"| {_ratio(ours['wall_s'], theirs.get('wall_s'))} | {row['io_floor_s']:.1f} "
+                f"| {_ratio(ours['wall_s'], row['io_floor_s'])} | {_gb(ours['peak_rss_mb'])} "
+                f"| {_gb(theirs['peak_rss_mb']) if theirs else '–'} "
+                f"| {_ratio(ours['peak_rss_mb'], theirs.get('peak_rss_mb'))} |"
+            )
+    return "\n".join(lines)
 
 
 def comparison_table(results: dict) -> str:
@@ -104,6 +138,9 @@ def report(results: dict, gpu_results: dict) -> str:
             f"{any_row['moemerge']['cache']} before each run; command `{any_row['command']}`.\n"
         )
     parts.append(comparison_table(results))
+    if any(f"{name}-8L{suffix}" in results for name in _recipes(results) for suffix, _, _ in VARIANTS[1:]):
+        parts.append("\nEvery cache state and math dtype measured (warm: every input read once before the run):\n")
+        parts.append(matrix_table(results))
     sizes = size_table(results)
     if sizes.count("\n") > 1:
         parts.append("\nThe same recipes on a 16-layer set (twice the model, same tensor sizes):\n")

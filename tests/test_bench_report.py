@@ -42,3 +42,15 @@ def test_the_readme_block_between_the_markers_is_replaced_and_the_rest_kept() ->
     assert replace_between_markers(text, "new") == f"intro\n{START}\nnew\n{END}\noutro\n"
     with pytest.raises(SystemExit, match="markers"):
         replace_between_markers("no markers", "new")
+
+
+def test_warm_and_bfloat16_rows_form_the_matrix_table() -> None:
+    results = {
+        "ties-8L": row("ties", 8, figures(40.0, 1500), mergekit=figures(160.0, 4500)),
+        "ties-8L-bf16-warm": row("ties", 8, figures(30.0, 1200), mergekit=figures(150.0, 4000)),
+        "della-8L-warm": row("della", 8, figures(20.0, 1000)),
+    }
+    lines = report(results, {}).splitlines()
+    assert "| ties | warm | bfloat16 | 30.0 | 150.0 | 0.20 | 5.0 | 6.00 | 1.20 | 4.00 | 0.30 |" in lines
+    assert "| ties | cold | float32 | 40.0 | 160.0 | 0.25 | 5.0 | 8.00 | 1.50 | 4.50 | 0.33 |" in lines
+    assert any(line.startswith("| della | warm | float32 | 20.0 | – |") for line in lines)  # no mergekit run
