@@ -69,14 +69,24 @@ def merge_tensor(
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
     generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
-    return merged.to(merge.spec.dtype)
+    return merged.to(plan.math_dtype).to(merge.spec.dtype)  # rounded once to the math dtype, as mergekit rounds
 
 
 def read_input(
     plan: MergePlan, pool: ModelPool, options: RunOptions, item: TensorInput, rows: tuple[int, int] | None
 ) -> torch.Tensor:
-    """One input tensor (or its rows [start, stop)) in the math dtype, on the merge device."""
-    return pool.get(item.model).read(item.name, dtype=plan.math_dtype, device=options.device, rows=rows)
+    """One input tensor (or its rows [start, stop)) rounded to the math dtype, on the merge device, for the method.
+
+    Half-precision values come upcast to float32 (exactly): methods accumulate in float32 and the result is
+    rounded to the math dtype once, instead of at every step of the method.
+    """
+    tensor = pool.get(item.model).read(item.name, dtype=plan.math_dtype, device=options.device, rows=rows)
+    return tensor.to(compute_dtype(plan.math_dtype))
+
+
+def compute_dtype(math_dtype: torch.dtype) -> torch.dtype:
+    """The dtype methods compute in: the math dtype, widened to at least float32."""
+    return torch.promote_types(math_dtype, torch.float32)
 
 
 def _generator(plan: MergePlan, merge: TensorMerge, options: RunOptions) -> torch.Generator | None:
@@ -118,7 +128,7 @@ def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, op
     for first_entry, base, tensors in source.blocks():
         block = two_pass.merge_block(tensors, base, merge.model_params, merge.method_params, stats, first_entry)
         first_row = first_entry // source.row_numel
-        out[first_row : first_row + block.shape[0]].copy_(block)
+        out[first_row : first_row + block.shape[0]].copy_(block.to(plan.math_dtype))
     return out
 
 

@@ -10,6 +10,10 @@ from moemerge.methods import METHODS, get_method
 
 ALL = ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough"]
 ALL += ["breadcrumbs", "breadcrumbs_ties"]
+# the rest of the names mergekit 0.1.5's registry holds (mergekit.merge_methods.registry), so every recipe's
+# merge_method resolves
+ALL += ["della", "della_linear", "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap"]
+ALL += ["arcee_fusion", "ram", "ramplus_tl"]
 TASK_VECTOR = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"]
 
 
@@ -39,6 +43,17 @@ def test_unknown_keys_are_rejected(name: str) -> None:
         ("dare_linear", {"weight"}, set()),
         ("passthrough", set(), set()),
         ("breadcrumbs", {"weight"}, set()),
+        ("della", {"weight"}, set()),
+        ("della_linear", {"weight"}, set()),
+        ("model_stock", set(), set()),
+        ("nuslerp", set(), set()),  # a weight per model or a method-level t, checked when merging
+        ("multislerp", {"weight"}, set()),
+        ("karcher", set(), set()),
+        ("sce", set(), set()),
+        ("nearswap", set(), {"t"}),
+        ("arcee_fusion", set(), set()),
+        ("ram", set(), set()),
+        ("ramplus_tl", set(), set()),
     ],
 )
 def test_required_parameters(name: str, required_model: set[str], required_method: set[str]) -> None:
@@ -84,3 +99,35 @@ def test_method_shapes() -> None:
     assert not get_method("linear").uses_base
     with pytest.raises(ValidationError):
         get_method("linear").method_params.model_validate({"int8_mask": True})
+
+
+def test_new_method_defaults_and_shapes_match_mergekit() -> None:
+    della = get_method("della").method_params.model_validate({})
+    della_linear = get_method("della_linear").method_params.model_validate({})
+    assert della.normalize and della.rescale and not della_linear.normalize and della_linear.rescale
+    assert get_method("della").model_params.model_validate({"weight": 1}).epsilon == 0.15
+    assert get_method("della").random and get_method("della_linear").random
+    nuslerp = get_method("nuslerp").method_params.model_validate({})
+    assert nuslerp.nuslerp_flatten and not nuslerp.nuslerp_row_wise
+    multislerp = get_method("multislerp").method_params.model_validate({})
+    assert multislerp.normalize_weights and multislerp.eps == 1e-8
+    karcher = get_method("karcher").method_params.model_validate({})
+    assert karcher.max_iter == 10 and karcher.tol == 1e-5
+    assert get_method("sce").method_params.model_validate({}).select_topk == 1.0
+    assert get_method("ram").method_params.model_validate({}).epsilon == 1e-5
+    plus = get_method("ramplus_tl").method_params.model_validate({})
+    assert (plus.r, plus.alpha, plus.epsilon) == (0.1, 0.2, 1e-5)
+    assert not get_method("model_stock").method_params.model_validate({}).filter_wise
+    assert get_method("model_stock").min_model_count == 2
+    for name in ("nuslerp", "multislerp"):
+        assert get_method(name).optional_base and not get_method(name).uses_base
+    assert get_method("karcher").base_is_input and not get_method("karcher").uses_base
+    assert get_method("nuslerp").model_count == 2
+    for name in ("nearswap", "arcee_fusion"):
+        assert get_method(name).model_count == 1 and get_method(name).uses_base
+
+
+@pytest.mark.parametrize("density, epsilon", [(0.5, 0.5), (0.9, 0.15), (0.1, 0.1)])
+def test_della_rejects_keep_probabilities_outside_the_unit_interval(density: float, epsilon: float) -> None:
+    with pytest.raises(ValidationError, match="density ± epsilon"):
+        get_method("della").model_params.model_validate({"weight": 1.0, "density": density, "epsilon": epsilon})

@@ -76,13 +76,20 @@ class MergeMethod:
     model_params: type[Params] = NoParams  # per input model, e.g. weight, density
     method_params: type[Params] = NoParams  # per output tensor, e.g. t, normalize, lambda
     uses_base: bool = False  # needs base_model; the base is passed separately, not in `tensors`
+    optional_base: bool = False  # uses base_model when the recipe names one (nuslerp, multislerp), else None
+    base_is_input: bool = False  # base_model, when named, is one more plain input (karcher), as in mergekit
     random: bool = False  # draws from the generator (DARE)
     single_source: bool = False  # takes exactly one input (passthrough)
     model_count: int | None = None  # exactly this many non-base inputs (slerp: 1); None = any number
+    min_model_count: int = 1  # at least this many non-base inputs (model_stock: 2)
     # Each output entry depends only on the same entry of each input (no norms, top-k or random draws over
     # the tensor), so a large tensor can be merged one block of rows at a time with the same bits.
     elementwise: bool = False
     two_pass: TwoPass | None = None  # per-tensor statistics, then blocks (SLERP, TIES); None: whole tensors
+
+    def takes_base(self, base_model: str | None) -> bool:
+        """Whether `base` is passed apart from `tensors` for a recipe whose base_model is `base_model`."""
+        return self.uses_base or (self.optional_base and base_model is not None)
 
 
 METHODS: dict[str, MergeMethod] = {}

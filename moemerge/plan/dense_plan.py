@@ -76,7 +76,8 @@ def _normalised_slices(
     if module.slices is not None:
         return module.slices
     entries = list(module.models or [])
-    if method.uses_base and recipe.base_model not in [entry.model for entry in entries]:
+    adds_base = method.takes_base(recipe.base_model) or (method.base_is_input and recipe.base_model)
+    if adds_base and recipe.base_model not in [entry.model for entry in entries]:
         entries.append(SliceSource(model=recipe.base_model, layer_range=(0, 1)))  # range fixed below
     counts = {entry.model: _model_layers(pool.get(entry.model), arch) for entry in entries}
     if len(set(counts.values())) > 1:
@@ -96,7 +97,8 @@ def _check_sources(recipe: MergeRecipe, module: ModuleRecipe, method: MergeMetho
         check_names(method, module.parameters, f"{module.where}parameters")
     for index, output_slice in enumerate(slices):
         base = output_slice.base_model or recipe.base_model
-        others = [source for source in output_slice.sources if not (method.uses_base and source.model == base)]
+        takes_base = method.takes_base(base)
+        others = [source for source in output_slice.sources if not (takes_base and source.model == base)]
         label = where if module.slices is None else f"{where}[{index}]"
         if module.slices is not None:
             check_names(method, output_slice.parameters, f"{label}.parameters")
@@ -114,6 +116,11 @@ def _check_sources(recipe: MergeRecipe, module: ModuleRecipe, method: MergeMetho
             )
         if method.uses_base and not others:
             raise ConfigError(f"{label}: {method.name} needs at least one model besides base_model {base!r}")
+        if len(others) < method.min_model_count:
+            raise ConfigError(
+                f"{label}: {method.name} needs at least {method.min_model_count} models besides base_model, "
+                f"got {len(others)}"
+            )
 
 
 class _Planner:
@@ -163,7 +170,8 @@ class _Planner:
         return pre, post
 
     def _base_of(self, output_slice: OutputSlice) -> str | None:
-        return (output_slice.base_model or self.recipe.base_model) if self.method.uses_base else None
+        base = output_slice.base_model or self.recipe.base_model
+        return base if self.method.takes_base(base) else None
 
     def _plan_model_level(self, names: list[str], output_slice: OutputSlice) -> None:
         base = self._base_of(output_slice)

@@ -1,0 +1,187 @@
+"""DELLA (Deep et al., 2024): drop task-vector entries at random, the smaller ones more often, then merge.
+
+MAGPRUNE ranks each row of |δ| (along dim 1; a 1-d tensor is one row), gives rank r of n the keep probability
+p = (density − ε) + 2ε · r/(n − 1), so the smallest entry keeps with density − ε and the largest with
+density + ε, and drops each entry with a Bernoulli draw. As in mergekit 0.1.5, `rescale` restores each task
+vector's L1 norm (the paper divides each survivor by its p instead). `della` then elects a sign as TIES does,
+`della_linear` takes the weighted sum.
+
+The draws come from the tensor's seeded CPU generator and the ranks from a stable sort on the CPU, so a seed
+gives the same bits on every device and worker count; ties in |δ| rank by flat index (mergekit's unstable
+argsort orders them arbitrarily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from pydantic import Field, model_validator
+
+from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
+from moemerge.methods.sparsify import RandomCut, apply_random_cut, l1_norm, rescale_l1
+from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
+
+RANK_ROWS = 4096  # rows ranked at once: bounds the int64 sort buffers to a few blocks' worth
+
+
+class DellaModelParams(Params):
+    weight: float
+    density: float = Field(1.0, ge=0.0, le=1.0)  # mean keep probability
+    epsilon: float = Field(0.15, ge=0.0)  # keep probabilities span [density − ε, density + ε] by magnitude rank
+
+    @model_validator(mode="after")
+    def _probabilities_in_range(self) -> DellaModelParams:
+        if 0.0 < self.density < 1.0 and not (0.0 < self.density - self.epsilon and self.density + self.epsilon < 1.0):
+            raise ValueError(
+                f"epsilon {self.epsilon} with density {self.density}: density ± epsilon must lie inside (0, 1)"
+            )
+        return self
+
+
+class DellaParams(TaskVectorParams):
+    normalize: bool = True
+    rescale: bool = True
+
+
+class DellaLinearParams(TaskVectorParams):
+    normalize: bool = False
+    rescale: bool = True
+
+
+def magprune_keep(magnitudes: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """True where MAGPRUNE keeps an entry: draw < (density − ε) + 2ε · rank/(n − 1), ranks along dim 1.
+
+    `magnitudes` (|δ|, at least 2-d, on the CPU) and `draws` (uniform, same shape) are whole rows; rows are
+    ranked RANK_ROWS at a time with a stable sort, so ties rank by index.
+    """
+    keep = torch.empty(magnitudes.shape, dtype=torch.bool)
+    width = magnitudes.shape[1]
+    for start in range(0, magnitudes.shape[0], RANK_ROWS):
+        rows = magnitudes[start : start + RANK_ROWS]
+        order = torch.argsort(rows, dim=1, stable=True)
+        positions = torch.arange(width).reshape(1, width, *[1] * (rows.dim() - 2)).expand_as(order)
+        ranks = torch.empty_like(order).scatter_(1, order, positions.contiguous())
+        del order
+        spread = ranks.to(torch.float64).div_(width - 1) if width > 1 else torch.zeros(ranks.shape, dtype=torch.float64)
+        probability = spread.mul_(2 * epsilon).add_(density - epsilon)
+        keep[start : start + RANK_ROWS] = draws[start : start + RANK_ROWS] < probability
+    return keep
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The view MAGPRUNE ranks: a 1-d tensor becomes one row."""
+    return tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+
+
+def _draws(numel: int, generator: torch.Generator) -> torch.Tensor:
+    """One uniform draw per entry of the whole tensor, in flat order, from the tensor's CPU generator."""
+    return torch.rand(numel, generator=generator, device=generator.device)
+
+
+def drop_magprune(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """MAGPRUNE, in place on δ; `rescale` restores ‖δ‖₁."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    rows = _as_rows(delta)
+    draws = _draws(delta.numel(), generator).reshape(rows.shape)
+    keep = magprune_keep(rows.detach().abs().cpu(), draws, density, epsilon)
+    l1_before = l1_norm(delta) if rescale else 0.0
+    delta.mul_(keep.reshape(delta.shape).to(delta.device))
+    return rescale_l1(delta, l1_before) if rescale else delta
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_params: Sequence[DellaModelParams],
+    method_params: DellaParams | DellaLinearParams,
+    generator: torch.Generator | None,
+    *,
+    sign_consensus: bool,
+) -> torch.Tensor:
+    """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i), δ̃_i = δ_i · Bernoulli(p(rank |δ_i|)), L1-rescaled."""
+    assert base is not None
+    if generator is None:
+        raise ValueError("DELLA needs a seeded generator: the caller must pass one for random methods")
+
+    def drop(index: int, delta: torch.Tensor) -> torch.Tensor:
+        params = model_params[index]
+        return drop_magprune(delta, params.density, params.epsilon, method_params.rescale, generator)
+
+    return merge_sparsified(tensors, base, model_params, method_params, drop, sign_consensus=sign_consensus)
+
+
+def statistics(
+    source: BlockSource,
+    model_params: Sequence[DellaModelParams],
+    method_params: DellaParams | DellaLinearParams,
+    generator: torch.Generator | None,
+) -> list[RandomCut]:
+    """Each task vector's keep-mask and L1 factor, from the same draws as `merge` (a block holds whole rows)."""
+    if generator is None:
+        raise ValueError("DELLA needs a seeded generator: the caller must pass one for random methods")
+    cuts = []
+    for index, params in enumerate(model_params):
+        if params.density >= 1.0:
+            cuts.append(RandomCut(keep=None))
+            continue
+        keep = torch.zeros(source.numel, dtype=torch.bool)
+        if params.density <= 0.0:
+            cuts.append(RandomCut(keep=keep))
+            continue
+        draws = _draws(source.numel, generator)
+        l1_before = l1_kept = 0.0
+        for first, base, (tensor,) in source.blocks([index]):
+            magnitudes = tensor.sub_(base).abs_()
+            count = magnitudes.numel()
+            block_keep = magprune_keep(
+                magnitudes.cpu(), draws[first : first + count].reshape(magnitudes.shape), params.density, params.epsilon
+            )
+            keep[first : first + count] = block_keep.reshape(-1)
+            if method_params.rescale:
+                l1_before += l1_norm(magnitudes)
+                l1_kept += l1_norm(magnitudes.mul_(block_keep.to(magnitudes.device)))
+        factor = l1_before / l1_kept if method_params.rescale and l1_kept > 0.0 else 1.0
+        cuts.append(RandomCut(keep=keep, factor=factor))
+    return cuts
+
+
+def merge_block(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[DellaModelParams],
+    method_params: DellaParams | DellaLinearParams,
+    cuts: Sequence[RandomCut],
+    first_entry: int,
+    *,
+    sign_consensus: bool,
+) -> torch.Tensor:
+    """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum."""
+    return merge_sparsified(
+        tensors,
+        base,
+        model_params,
+        method_params,
+        lambda index, delta: apply_random_cut(delta, cuts[index], first_entry),
+        sign_consensus=sign_consensus,
+    )
+
+
+for name, params, sign_consensus in (("della", DellaParams, True), ("della_linear", DellaLinearParams, False)):
+    register(
+        MergeMethod(
+            name=name,
+            merge=partial(merge, sign_consensus=sign_consensus),
+            model_params=DellaModelParams,
+            method_params=params,
+            uses_base=True,
+            random=True,
+            two_pass=TwoPass(statistics=statistics, merge_block=partial(merge_block, sign_consensus=sign_consensus)),
+        )
+    )

@@ -1,0 +1,48 @@
+"""NearSwap: take the other model's value where it is close to the base's, keep the base's where it is far.
+
+Per entry the other model's share is clamp(t / max(|base − x|, 1e-6), 0, 1): entries closer than `t` are
+swapped in whole, farther ones move toward x by t / distance (mergekit 0.1.5's formula).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moemerge.methods.registry import MergeMethod, NoParams, Params, register
+
+DISTANCE_FLOOR = 1e-6
+
+
+class NearswapParams(Params):
+    t: float  # distance below which the other model's value replaces the base's
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_params: Sequence[Params],
+    method_params: NearswapParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """w x + (1 − w) base, w = clamp(t / max(|base − x|, 1e-6), 0, 1) per entry."""
+    assert base is not None
+    (other,) = tensors
+    dtype = torch.promote_types(base.dtype, torch.float32)
+    other = other.to(dtype)
+    share = (method_params.t / torch.sub(base, other).abs_().clamp_(min=DISTANCE_FLOOR)).clamp_(0.0, 1.0)
+    return other.mul_(share).add_(base * (1.0 - share))
+
+
+register(
+    MergeMethod(
+        name="nearswap",
+        merge=merge,
+        model_params=NoParams,
+        method_params=NearswapParams,
+        uses_base=True,
+        model_count=1,
+        elementwise=True,
+    )
+)

@@ -1,0 +1,140 @@
+"""RAM (Reinforced Agent Merging, 2026): average task vectors only where several models changed an entry.
+
+An entry of δ_i counts as changed when |δ_i| > `epsilon`. Where one model changed it, that change is kept
+whole; where c > 1 did, their changes are averaged (divided by c); unchanged entries keep the base.
+`ramplus_tl` (RAM+, tensor-local) also boosts each model's unique changes by λ_i = 1 + r · min(ρ_i, α),
+ρ_i = (its changed entries shared with others) / (its unique changed entries), counted over the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from moemerge.methods.registry import BlockSource, MergeMethod, NoParams, Params, TwoPass, register
+
+
+class RamParams(Params):
+    epsilon: float = Field(1e-5, ge=0.0)  # |δ| above this counts as a change
+
+
+class RamPlusParams(RamParams):
+    r: float = 0.1  # boost strength
+    alpha: float = 0.2  # cap on the shared/unique ratio
+
+
+def _changes(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float):
+    """The task vectors with unchanged entries zeroed, each one's changed-mask, and the per-entry change count."""
+    dtype = torch.promote_types(base.dtype, torch.float32)
+    deltas = [tensor.to(dtype) - base for tensor in tensors]
+    changed = [delta.abs() > epsilon for delta in deltas]
+    count = torch.zeros(base.shape, dtype=torch.int64, device=base.device)
+    for mask in changed:
+        count += mask
+    for delta, mask in zip(deltas, changed, strict=True):
+        delta.mul_(mask)
+    return deltas, changed, count
+
+
+def _merged(base: torch.Tensor, deltas, count: torch.Tensor, boosts: Sequence[float]) -> torch.Tensor:
+    """base + Σ_i δ_i (λ_i [c = 1] + [c > 1] / c)."""
+    unique = count == 1
+    shared_share = torch.where(count > 1, 1.0 / count.clamp(min=1).to(deltas[0].dtype), 0.0)
+    merged = torch.zeros_like(deltas[0])
+    for delta, boost in zip(deltas, boosts, strict=True):
+        merged += delta * unique * boost + delta * shared_share
+    return merged.add_(base)
+
+
+def merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_params: Sequence[Params],
+    method_params: RamParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """base + Σ_i δ_i [|δ_i| > ε] / max(c, 1), c = #models with |δ| > ε at the entry."""
+    assert base is not None
+    deltas, _, count = _changes(tensors, base, method_params.epsilon)
+    return _merged(base, deltas, count, [1.0] * len(deltas))
+
+
+def _boosts(shared: Sequence[int], unique: Sequence[int], method_params: RamPlusParams) -> list[float]:
+    """λ_i = 1 + r · clamp(shared_i / max(unique_i, ε), 0, α)."""
+    return [
+        1.0 + method_params.r * min(max(s / max(u, method_params.epsilon), 0.0), method_params.alpha)
+        for s, u in zip(shared, unique, strict=True)
+    ]
+
+
+def _counts(changed, count: torch.Tensor) -> tuple[list[int], list[int]]:
+    shared = [int(torch.count_nonzero(mask & (count > 1))) for mask in changed]
+    unique = [int(torch.count_nonzero(mask & (count == 1))) for mask in changed]
+    return shared, unique
+
+
+def merge_plus(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    model_params: Sequence[Params],
+    method_params: RamPlusParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """base + Σ_i δ_i [|δ_i| > ε] (λ_i [c = 1] + [c > 1] / c), λ_i from the tensor's shared/unique counts."""
+    assert base is not None
+    deltas, changed, count = _changes(tensors, base, method_params.epsilon)
+    boosts = _boosts(*_counts(changed, count), method_params)
+    return _merged(base, deltas, count, boosts)
+
+
+def statistics_plus(
+    source: BlockSource,
+    model_params: Sequence[Params],
+    method_params: RamPlusParams,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Each model's boost λ_i from shared/unique counts summed over row blocks."""
+    shared = [0] * len(model_params)
+    unique = [0] * len(model_params)
+    for _, base, tensors in source.blocks():
+        _, changed, count = _changes(tensors, base, method_params.epsilon)
+        for index, (s, u) in enumerate(zip(*_counts(changed, count), strict=True)):
+            shared[index] += s
+            unique[index] += u
+    return _boosts(shared, unique, method_params)
+
+
+def merge_block_plus(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    model_params: Sequence[Params],
+    method_params: RamPlusParams,
+    boosts: list[float],
+    first_entry: int,
+) -> torch.Tensor:
+    deltas, _, count = _changes(tensors, base, method_params.epsilon)
+    return _merged(base, deltas, count, boosts)
+
+
+register(
+    MergeMethod(
+        name="ram",
+        merge=merge,
+        model_params=NoParams,
+        method_params=RamParams,
+        uses_base=True,
+        elementwise=True,
+    )
+)
+register(
+    MergeMethod(
+        name="ramplus_tl",
+        merge=merge_plus,
+        model_params=NoParams,
+        method_params=RamPlusParams,
+        uses_base=True,
+        two_pass=TwoPass(statistics=statistics_plus, merge_block=merge_block_plus),
+    )
+)
