@@ -233,6 +233,14 @@ def read_yaml_documents(path: Path) -> tuple[list[dict[str, Any]], str]:
     return documents, text
 
 
+def read_yaml(path: Path) -> tuple[dict[str, Any], str]:
+    """The one YAML mapping in `path` and its text (a multi-document file is a ConfigError)."""
+    documents, text = read_yaml_documents(path)
+    if len(documents) > 1:
+        raise ConfigError(f"{Path(path).name}: {len(documents)} YAML documents where one recipe was expected")
+    return documents[0], text
+
+
 def parse_merge_recipe(data: dict[str, Any], where: str) -> MergeRecipe:
     """One recipe document, validated; errors name `where` and the key."""
     try:
