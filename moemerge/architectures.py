@@ -73,6 +73,10 @@ class Architecture:
     dense_mlp: DenseMlp | None = DenseMlp()
     moe: MoeLayout | None = None
 
+    def tied_names(self, name: str) -> tuple[str, ...]:
+        """Where a model that ties `name` to another tensor keeps it (lm_head -> embeddings): mergekit's tied_names."""
+        return self.embeddings if name in self.lm_head else ()
+
     def layer_name(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.format(layer=layer) + suffix
 

@@ -13,10 +13,12 @@ import torch
 from moemerge.config.merge_recipe import MergeRecipe
 from moemerge.executor import OutputTensor, write_tensors
 from moemerge.io.loader import ModelPool
-from moemerge.io.model_folder import copy_generation_config, copy_tokenizer, write_config, write_model_card
+from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
 from moemerge.methods.registry import BlockSource
 from moemerge.plan.dense_plan import MergePlan, TensorInput, TensorMerge
+from moemerge.vocab.output import write_generation_config, write_tokenizer
+from moemerge.vocab.rows import align_rows
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ def merge_tensor(
         return merge_in_two_passes(plan, merge, pool, options)
     base = read_input(plan, pool, options, merge.base, rows) if merge.base else None
     tensors = [read_input(plan, pool, options, item, rows) for item in merge.inputs]
+    if merge.vocab is not None:  # each input's rows in the output vocabulary's token order (base last)
+        aligned = align_rows(merge.vocab, tensors + ([base] if base is not None else []))
+        tensors, base = (aligned[:-1], aligned[-1]) if base is not None else (aligned, None)
     if merge.fit_vocab:
         filler = base if base is not None else tensors[0]
         rows = merge.spec.shape[0]
@@ -136,7 +141,7 @@ def _is_large(merge: TensorMerge, size: int | None = None) -> bool:
     """Worth merging in row blocks: a matrix (or more) above `size` entries whose inputs share its shape."""
     shape = merge.spec.shape
     limit = BLOCK_ELEMENTS if size is None else size
-    return not merge.fit_vocab and len(shape) >= 2 and torch.Size(shape).numel() > limit
+    return not merge.fit_vocab and merge.vocab is None and len(shape) >= 2 and torch.Size(shape).numel() > limit
 
 
 def _row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -216,9 +221,15 @@ def run_merge(
             )
         reference_folder = pool.get(plan.reference).folder
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)
-        copy_generation_config(reference_folder, folder)
-        if options.copy_tokenizer:
-            copy_tokenizer(plan.tokenizer_folder, folder)
+        write_generation_config(reference_folder, folder, plan.vocabulary)
+        write_tokenizer(
+            folder,
+            vocabulary=plan.vocabulary,
+            tokenizer_folder=plan.tokenizer_folder,
+            chat_template=recipe.chat_template,
+            input_folders=[pool.get(model).folder for model in plan.models],
+            copy=options.copy_tokenizer,
+        )
         (folder / "moemerge_config.yml").write_text(recipe_text)
         base = f" with {recipe.base_model} as the base" if recipe.base_model else ""
         write_model_card(

@@ -100,3 +100,76 @@ def make_toy_model(
     if tokenizer:
         toy_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def make_vocab_variant(
+    base: Path,
+    folder: Path,
+    *,
+    seed: int,
+    added_tokens: tuple[str, ...] = (),
+    special: bool = True,
+    permute: bool = False,
+    tie: bool = False,
+    delta_scale: float = 0.05,
+) -> Path:
+    """A fine-tune of toy `base` whose vocabulary differs: ids shuffled, tokens added (seeded rows), lm_head tied or not.
+
+    Every tensor is the base's plus a seeded delta; a token keeps its (perturbed) rows under its new id, so a merge
+    that maps rows by token string lines the models up again. Config and generation ids follow the shuffle.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    base, folder = Path(base), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    state = load_file(base / "model.safetensors")
+    head = state.pop("lm_head.weight", None)
+    embed = state["model.embed_tokens.weight"]
+    head = embed.clone() if head is None else head
+    vocab = embed.shape[0]
+    order = torch.randperm(vocab, generator=generator) if permute else torch.arange(vocab)  # old id -> new id
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(vocab)
+
+    def perturb(tensor: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(tensor.shape, generator=generator)
+        return tensor + delta_scale * noise * tensor.float().std().clamp_min(1e-3)
+
+    def vocab_rows(tensor: torch.Tensor) -> torch.Tensor:
+        extra = torch.randn((len(added_tokens), tensor.shape[1]), generator=generator) * tensor.float().std()
+        return torch.cat([perturb(tensor)[inverse], extra.to(tensor.dtype)]).contiguous()
+
+    out = {name: perturb(tensor).contiguous() for name, tensor in state.items() if name != "model.embed_tokens.weight"}
+    out["model.embed_tokens.weight"] = vocab_rows(embed)
+    if not tie:
+        out["lm_head.weight"] = vocab_rows(head)
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+
+    tokenizer_json = json.loads((base / "tokenizer.json").read_text())
+    tokenizer_json["model"]["vocab"] = {token: int(order[i]) for token, i in tokenizer_json["model"]["vocab"].items()}
+    for entry in tokenizer_json["added_tokens"]:
+        entry["id"] = int(order[entry["id"]])
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    shutil.copyfile(base / "tokenizer_config.json", folder / "tokenizer_config.json")
+    if added_tokens:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_tokens(list(added_tokens), special_tokens=special)
+        tokenizer.save_pretrained(folder)
+
+    for name in ("config.json", "generation_config.json"):
+        if not (base / name).is_file():
+            continue
+        settings = json.loads((base / name).read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(settings.get(key), int):
+                settings[key] = int(order[settings[key]])
+        if name == "config.json":
+            settings["vocab_size"] = vocab + len(added_tokens)
+            settings["tie_word_embeddings"] = tie
+        (folder / name).write_text(json.dumps(settings, indent=2))
+    return folder

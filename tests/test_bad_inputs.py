@@ -98,7 +98,11 @@ CASES = {
     ),
     "different layer counts": (lambda m: linear(m["coder"], m["deep"]), ["layer counts differ"]),
     "bad dtype": (lambda m: {**linear(m["coder"]), "dtype": "float8"}, ["dtype", "'float8'"]),
-    "tokenizer union": (lambda m: {**linear(m["coder"]), "tokenizer_source": "union"}, ["tokenizer_source", "union"]),
+    "unknown chat template": (lambda m: {**linear(m["coder"]), "chat_template": "vicuna"}, ["chat_template", "vicuna"]),
+    "tokenizer twice": (
+        lambda m: {**linear(m["coder"]), "tokenizer_source": "union", "tokenizer": {"source": "base"}},
+        ["'tokenizer_source' or a 'tokenizer' block"],
+    ),
     "missing tokenizer source": (
         lambda m: {**linear(m["coder"]), "tokenizer_source": "/nonexistent/tokenizer"},
         ["'/nonexistent/tokenizer'", "not found"],

@@ -214,7 +214,7 @@ def test_row_blocks_cover_every_row_once_and_only_for_elementwise_methods() -> N
         return SimpleNamespace(method=SimpleNamespace(elementwise=elementwise))
 
     def merge(shape, fit_vocab=False):
-        return SimpleNamespace(spec=TensorSpec("t", shape, torch.bfloat16), fit_vocab=fit_vocab)
+        return SimpleNamespace(spec=TensorSpec("t", shape, torch.bfloat16), fit_vocab=fit_vocab, vocab=None)
 
     big = (32000, 4096)
     blocks = row_blocks(plan(True), merge(big))

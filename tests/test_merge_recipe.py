@@ -43,8 +43,8 @@ def test_out_dtype_overrides_saved_dtype(write_recipe):
         ({"models": [{"model": "a"}]}, "merge_method: required key is missing"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float17"}, "unknown dtype 'float17'"),
         (
-            {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"},
-            "'union' is not supported",
+            {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"tokens": {"<x>": {"source": 3}}}},
+            "tokenizer.tokens.<x>.source",
         ),
         (
             {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from moemerge.config.keys import did_you_mean, schema_keys
 from moemerge.errors import ConfigError
+from moemerge.vocab.config import VocabularyKeys
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class OutputModule(Strict):
         return self
 
 
-class MergeRecipe(Strict):
+class MergeRecipe(VocabularyKeys, Strict):
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
@@ -155,7 +156,6 @@ class MergeRecipe(Strict):
     parameters: Parameters = Field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
     name: str | None = None  # a stage's name in a multi-document recipe; a single recipe ignores it
 
     @model_validator(mode="before")
@@ -173,13 +173,6 @@ class MergeRecipe(Strict):
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
             raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-        return value
-
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _no_union(cls, value: str | None) -> str | None:
-        if value == "union":
-            raise ValueError("'union' is not supported yet; use 'base' or a model reference")
         return value
 
     @model_validator(mode="after")

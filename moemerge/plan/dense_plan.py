@@ -20,6 +20,8 @@ from moemerge.io.writer import TensorSpec
 from moemerge.methods.registry import MergeMethod, Params, get_method
 from moemerge.plan.modules import ModuleRecipe, recipe_modules
 from moemerge.plan.parameters import check_names, layer_position, resolve_method_params, resolve_model_params
+from moemerge.vocab.alignment import OutputVocabulary, VocabRows
+from moemerge.vocab.build import build_vocabulary, embedding_rows, output_vocab_config
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class TensorMerge:
     model_params: tuple[Params, ...]
     method_params: Params
     fit_vocab: bool = False  # embeddings/lm_head of differing vocab sizes: align rows to the output
+    vocab: VocabRows | None = None  # embeddings/lm_head mapped by token onto the output vocabulary (inputs, base)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class MergePlan:
     math_dtype: torch.dtype
     tokenizer_folder: Path
     models: list[str] = field(default_factory=list)
+    vocabulary: OutputVocabulary | None = None  # the rebuilt output tokenizer, when the recipe asks for one
 
     @property
     def output_bytes(self) -> int:
@@ -137,6 +141,10 @@ class _Planner:
         (self.module,) = recipe_modules(recipe, self.arch)
         self.slices = _normalised_slices(recipe, self.module, self.method, pool, self.arch)
         _check_sources(recipe, self.module, self.method, self.slices)
+        self.models = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
+        if recipe.base_model and recipe.base_model not in self.models:
+            self.models.append(recipe.base_model)
+        self.vocabulary = self._output_vocabulary()
         self.merges: list[TensorMerge] = []
         self.source_layers: list[tuple[str, int]] = []  # output layer -> (model, layer) it came from
 
@@ -147,16 +155,45 @@ class _Planner:
         for index, output_slice in enumerate(self.slices):
             offset = self._plan_slice(index, output_slice, offset)
         self._plan_model_level(post, self.slices[-1])
-        config = self._output_config(offset)
-        models = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
-        if self.recipe.base_model and self.recipe.base_model not in models:
-            models.append(self.recipe.base_model)
-        math_dtype = self.recipe.math_dtype or torch.float32
-        source = self.recipe.tokenizer_source
-        tokenizer_model = self.reference_model if source in (None, "base") else self.pool.get(source)
-        return MergePlan(
-            self.method, self.merges, self.reference, config, offset, math_dtype, tokenizer_model.folder, models
+        config = output_vocab_config(
+            self._output_config(offset), self.arch, [merge.spec for merge in self.merges], self.vocabulary
         )
+        math_dtype = self.recipe.math_dtype or torch.float32
+        source = self.recipe.vocabulary_source
+        tokenizer_model = self.reference_model if source in (None, "base", "union") else self.pool.get(source)
+        return MergePlan(
+            self.method,
+            self.merges,
+            self.reference,
+            config,
+            offset,
+            math_dtype,
+            tokenizer_model.folder,
+            self.models,
+            self.vocabulary,
+        )
+
+    def _output_vocabulary(self) -> OutputVocabulary | None:
+        """The output tokenizer and row maps, when the recipe rebuilds the vocabulary (tokenizer_source/tokenizer)."""
+        source = self.recipe.vocabulary_source
+        if source is None:
+            return None
+        spec = self.recipe.tokenizer
+        return build_vocabulary(
+            source,
+            self.models,
+            self.reference,
+            self.pool,
+            embedding_rows(self.pool, self.models, self.arch),
+            tokens=spec.tokens if spec else None,
+            pad_to_multiple_of=spec.pad_to_multiple_of if spec else None,
+        )
+
+    def _stored_name(self, model: LazyModel, name: str) -> str:
+        """`name`, or the tensor the model ties it to when it has no `name` of its own (lm_head -> embeddings)."""
+        if model.has(name):
+            return name
+        return next((tied for tied in self.arch.tied_names(name) if model.has(tied)), name)
 
     def _model_level_names(self) -> tuple[list[str], list[str]]:
         """Tensors outside the layers: embeddings (from the first slice) and final norm/lm_head (from the last)."""
@@ -167,6 +204,12 @@ class _Planner:
             role = self.arch.role_of(name)
             is_pre = role == Role.EMBEDDING or (role == Role.OTHER and ("embed" in name or "wte" in name))
             (pre if is_pre else post).append(name)
+        # mergekit's optional lm_head: written when any input of the last slice stores one, even if the reference
+        # ties it; inputs that tie it give their embeddings
+        last = [s.model for s in self.slices[-1].sources] + [self._base_of(self.slices[-1])]
+        for name in self.arch.lm_head:
+            if name not in post and any(self.pool.get(model).has(name) for model in filter(None, last)):
+                post.append(name)
         return pre, post
 
     def _base_of(self, output_slice: OutputSlice) -> str | None:
@@ -229,17 +272,27 @@ class _Planner:
     ) -> None:
         reference_model, reference_name = (base[0], base[1]) if base else (inputs[0][0].model, inputs[0][1])
         reference = self.pool.get(reference_model)
+        reference_name = self._stored_name(reference, reference_name)
+        if base:
+            base = (base[0], self._stored_name(self.pool.get(base[0]), base[1]))
         if not reference.has(reference_name):
             raise TensorError(f"model {reference_model!r} has no tensor {reference_name!r}")
         shape = reference.shape(reference_name)
+        aligned = self.vocabulary is not None and self.arch.role_of(output_name) in VOCAB_ROLES
+        if aligned:
+            shape = (self.vocabulary.size, *shape[1:])
         fit_vocab = False
         kept: list[tuple[SliceSource, str]] = []
-        for source, name in inputs:
+        wanted_names: list[str] = []  # what parameter filters see: lm_head even where a tied model gives embeddings
+        for source, wanted in inputs:
             model = self.pool.get(source.model)
+            name = self._stored_name(model, wanted)
             if not model.has(name):
                 raise TensorError(f"model {source.model!r} has no tensor {name!r} (needed for {output_name})")
             other = model.shape(name)
-            if other != shape:
+            if aligned and other[1:] == shape[1:]:
+                pass  # rows are mapped by token onto the output vocabulary
+            elif other != shape:
                 if self.arch.role_of(output_name) in VOCAB_ROLES and other[1:] == shape[1:]:
                     log.warning(
                         "%s: %s has %d rows, output keeps %d (vocab sizes differ)",
@@ -260,16 +313,23 @@ class _Planner:
                         f"in {reference_model!r} (use --allow-crimes to skip mismatched inputs)"
                     )
             kept.append((source, name))
+            wanted_names.append(wanted)
         if not kept:
             raise TensorError(f"{output_name}: no input left to merge after skipping mismatched shapes")
         levels_global = [output_slice.parameters, self.module.parameters, self.recipe.parameters]
         # per-model filters match the source tensor's own name (as mergekit), not the renumbered output name
         model_params = tuple(
             resolve_model_params(self.method, [source.parameters, *levels_global], name, t, source.model)
-            for source, name in kept
+            for (source, _), name in zip(kept, wanted_names, strict=True)
         )
         method_params = resolve_method_params(self.method, levels_global, output_name, t)
         dtype = self.recipe.saved_dtype or self._promoted_dtype(kept, base)
+        vocab = None
+        if aligned:
+            assert self.vocabulary is not None
+            models = [source.model for source, _ in kept] + ([base[0]] if base else [])
+            preferred = output_slice.base_model or self.recipe.base_model
+            vocab = self.vocabulary.rows_for(models, preferred, output_name)
         self.merges.append(
             TensorMerge(
                 spec=TensorSpec(output_name, shape, dtype),
@@ -278,6 +338,7 @@ class _Planner:
                 model_params=model_params,
                 method_params=method_params,
                 fit_vocab=fit_vocab,
+                vocab=vocab,
             )
         )
 

@@ -1,0 +1,1 @@
+"""Vocabularies: the output tokenizer, each input's row map onto it, and the chat template."""
