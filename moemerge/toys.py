@@ -113,7 +113,7 @@ def make_vocab_variant(
     tie: bool = False,
     delta_scale: float = 0.05,
 ) -> Path:
-    """A fine-tune of toy `base` whose vocabulary differs: ids shuffled, tokens added (seeded rows), lm_head tied or not.
+    """A fine-tune of toy `base` with another vocabulary: ids shuffled, tokens added (seeded rows), lm_head tied or not.
 
     Every tensor is the base's plus a seeded delta; a token keeps its (perturbed) rows under its new id, so a merge
     that maps rows by token string lines the models up again. Config and generation ids follow the shuffle.
