@@ -67,7 +67,7 @@ def main(
     """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT."""
     recipe, recipe_data = load_moe_recipe(config_path)
     if dry_run:
-        sources, planned = prepare(recipe, ModelPool())
+        sources, planned, _ = prepare(recipe, ModelPool())
         click.echo(describe(recipe, sources, planned, output_dtype(recipe, sources)))
         return
     options = MoeOptions(

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moemerge.errors import ConfigError
+from moemerge.vocab.config import VocabularyKeys
 
 MOE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -36,7 +37,9 @@ class ExpertEntry(Strict):
     residual_scale: float = 1.0  # multiplies the expert's down projection
 
 
-class MoeRecipe(Strict):
+class MoeRecipe(VocabularyKeys, Strict):
+    """mergekit-moe's keys, plus moemerge's `tokenizer_source` / `tokenizer` / `chat_template` (as in dense recipes)."""
+
     base_model: str
     architecture: MoeArchitecture | None = None
     gate_mode: GateMode = "hidden"

@@ -11,19 +11,17 @@ import torch
 from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
 from moemerge.executor import OutputTensor, write_tensors
 from moemerge.io.loader import ModelPool
-from moemerge.io.model_folder import (
-    copy_generation_config,
-    copy_tokenizer,
-    write_config,
-    write_model_card,
-    write_recipe,
-)
+from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.writer import TensorSpec
 from moemerge.moe.config import moe_config
 from moemerge.moe.gates import Gates, compute_gates
 from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
 from moemerge.moe.sources import MoeSources, resolve_sources
+from moemerge.vocab.alignment import OutputVocabulary
+from moemerge.vocab.build import build_vocabulary, embedding_rows, output_vocab_config
+from moemerge.vocab.output import write_generation_config, write_tokenizer
+from moemerge.vocab.rows import align_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,25 @@ def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
     return MOE_DTYPES.get(str(saved), torch.float32)
 
 
-def prepare(recipe: MoeRecipe, pool: ModelPool) -> tuple[MoeSources, list[PlannedTensor]]:
+def prepare(recipe: MoeRecipe, pool: ModelPool) -> tuple[MoeSources, list[PlannedTensor], OutputVocabulary | None]:
     """Everything that can fail on configs and headers alone, before any tensor is read."""
     sources = resolve_sources(recipe, pool)
-    return sources, plan_moe(sources)
+    vocabulary = None
+    if recipe.vocabulary_source is not None:
+        models = list(
+            dict.fromkeys([recipe.base_model, *(e.source_model for e in recipe.experts + recipe.shared_experts)])
+        )
+        spec = recipe.tokenizer
+        vocabulary = build_vocabulary(
+            recipe.vocabulary_source,
+            models,
+            recipe.base_model,
+            pool,
+            embedding_rows(pool, models, sources.base_arch),
+            tokens=spec.tokens if spec else None,
+            pad_to_multiple_of=spec.pad_to_multiple_of if spec else None,
+        )
+    return sources, plan_moe(sources, vocabulary), vocabulary
 
 
 def describe(recipe: MoeRecipe, sources: MoeSources, planned: list[PlannedTensor], dtype: torch.dtype) -> str:
@@ -76,6 +89,11 @@ def _producer(tensor: PlannedTensor, gates: Gates):
     if tensor.origin is Origin.SHARED_GATE:
         assert gates.shared_gate is not None
         return lambda: gates.shared_gate[tensor.layer]
+    if tensor.origin is Origin.VOCAB:
+        assert tensor.vocab is not None
+        return lambda: align_rows(
+            tensor.vocab, [model.read(name, dtype=torch.float32) for model, name in tensor.vocab_inputs]
+        )[0]
     assert tensor.model is not None and tensor.source_name is not None
     if tensor.scale == 1.0:
         return lambda: tensor.model.read(tensor.source_name)
@@ -85,7 +103,8 @@ def _producer(tensor: PlannedTensor, gates: Gates):
 def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions) -> Path:
     """Build the MoE into `out` (atomically: nothing is left there on error)."""
     check_target(out, options.overwrite)
-    sources, planned = prepare(recipe, ModelPool())
+    pool = ModelPool()
+    sources, planned, vocabulary = prepare(recipe, pool)
     dtype = output_dtype(recipe, sources)
     gates = compute_gates(
         recipe,
@@ -99,11 +118,12 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         OutputTensor(
             TensorSpec(t.name, t.shape, dtype),
             _producer(t, gates),
-            sources=((t.model, t.source_name),) if t.model is not None and t.source_name is not None else (),
+            sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
         )
         for t in planned
     ]
-    config = moe_config(sources, recipe.experts_per_token)
+    specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
+    config = output_vocab_config(moe_config(sources, recipe.experts_per_token), sources.base_arch, specs, vocabulary)
     with staged_output(out, options.overwrite) as folder:
         shard_bytes, progress = options.max_shard_bytes, options.progress
         write_tensors(
@@ -116,9 +136,18 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
             workers=options.workers,
         )
         write_config(folder, config, out_dtype=dtype)
-        if options.copy_tokenizer:
-            copy_tokenizer(sources.base.folder, folder)
-        copy_generation_config(sources.base.folder, folder)
+        write_tokenizer(
+            folder,
+            vocabulary=vocabulary,
+            tokenizer_folder=sources.base.folder,
+            chat_template=recipe.chat_template,
+            input_folders=[
+                pool.get(m).folder
+                for m in dict.fromkeys([recipe.base_model, *(e.source_model for e in recipe.experts)])
+            ],
+            copy=options.copy_tokenizer,
+        )
+        write_generation_config(sources.base.folder, folder, vocabulary)
         recipe_text = write_recipe(folder, RECIPE_FILE, recipe_data)
         write_model_card(
             folder,

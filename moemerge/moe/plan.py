@@ -9,12 +9,14 @@ from moemerge.architectures import Role, layer_of
 from moemerge.errors import TensorError
 from moemerge.io.loader import LazyModel
 from moemerge.moe.sources import ExpertSource, MoeSources
+from moemerge.vocab.alignment import OutputVocabulary, VocabRows
 
 
 class Origin(str, Enum):
     COPY = "copy"  # a base or expert tensor, optionally scaled
     ROUTER = "router"  # one layer's router rows, computed from prompts or a seed
     SHARED_GATE = "shared_gate"  # one layer's shared-expert gate row
+    VOCAB = "vocab"  # the base's embeddings or lm_head mapped by token onto the output vocabulary
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,11 @@ class PlannedTensor:
     source_name: str | None = None
     scale: float = 1.0
     layer: int | None = None
+    vocab: VocabRows | None = None  # Origin.VOCAB: row maps of `vocab_inputs` (the base first)
+    vocab_inputs: tuple[tuple[LazyModel, str], ...] = ()
 
     def describe(self) -> str:
-        if self.origin is Origin.COPY:
+        if self.origin in (Origin.COPY, Origin.VOCAB):
             assert self.model is not None
             scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
             return f"{self.name} {list(self.shape)} <- {self.model.label}:{self.source_name}{scale}"
@@ -93,7 +97,25 @@ def _is_buffer(name: str) -> bool:
     return name.endswith("rotary_emb.inv_freq")  # old checkpoints saved this buffer; the MoE recomputes it
 
 
-def plan_moe(sources: MoeSources) -> list[PlannedTensor]:
+def _vocab_tensor(sources: MoeSources, name: str, vocabulary: OutputVocabulary) -> PlannedTensor:
+    """The base's embeddings or lm_head in the output vocabulary; tokens the base lacks take the experts' rows."""
+    models = {sources.base.label: sources.base}
+    for expert in [*sources.experts, *filter(None, [sources.shared])]:
+        models.setdefault(expert.entry.source_model, expert.model)
+    inputs = []
+    for model in models.values():
+        stored = next((n for n in (name, *sources.base_arch.tied_names(name)) if model.has(n)), None)
+        if stored is None:
+            raise TensorError(f"model {model.label!r} has no tensor {name!r}")
+        if model.shape(stored)[1:] != sources.base.shape(name)[1:]:
+            raise TensorError(f"model {model.label!r}: {stored!r} has shape {list(model.shape(stored))}")
+        inputs.append((model, stored))
+    shape = (vocabulary.size, *sources.base.shape(name)[1:])
+    rows = vocabulary.rows_for(list(models), sources.base.label, name)
+    return PlannedTensor(name, shape, Origin.VOCAB, sources.base, name, vocab=rows, vocab_inputs=tuple(inputs))
+
+
+def plan_moe(sources: MoeSources, vocabulary: OutputVocabulary | None = None) -> list[PlannedTensor]:
     """Base tensors except the dense MLPs, then per layer: router, experts, shared expert; in a stable order."""
     base, base_arch = sources.base, sources.base_arch
     head: list[PlannedTensor] = []
@@ -105,7 +127,11 @@ def plan_moe(sources: MoeSources) -> list[PlannedTensor]:
         layer = layer_of(name)
         role = base_arch.role_of(name)
         if layer is None:
-            (head if role is Role.EMBEDDING else tail).append(_copy(base, name, name, base.shape(name)))
+            vocab_tensor = vocabulary is not None and role in (Role.EMBEDDING, Role.LM_HEAD)
+            tensor = (
+                _vocab_tensor(sources, name, vocabulary) if vocab_tensor else _copy(base, name, name, base.shape(name))
+            )
+            (head if role is Role.EMBEDDING else tail).append(tensor)
         elif role is not Role.MLP:
             if layer not in per_layer:
                 raise TensorError(f"base_model has tensor {name!r} beyond its {sources.layers} layers")

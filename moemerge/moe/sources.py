@@ -75,7 +75,12 @@ def _text_config(config: dict) -> dict:
 
 
 def _check_dense_expert(
-    source: ExpertSource, base_config: dict, base_layers: int, target: Architecture, same_intermediate: bool
+    source: ExpertSource,
+    base_config: dict,
+    base_layers: int,
+    target: Architecture,
+    same_intermediate: bool,
+    aligned_vocab: bool,
 ) -> None:
     where = f"{source.label}.source_model ({source.entry.source_model})"
     model_type = source.model.config.get("model_type")
@@ -85,10 +90,17 @@ def _check_dense_expert(
             f"(expected one of {', '.join(DENSE_BASES[target.name])})"
         )
     config = _text_config(source.model.config)
-    keys = SIZE_KEYS if same_intermediate else tuple(k for k in SIZE_KEYS if k != "intermediate_size")
+    keys = [
+        k
+        for k in SIZE_KEYS
+        if (same_intermediate or k != "intermediate_size") and not (aligned_vocab and k == "vocab_size")
+    ]
     for key in keys:
         if config.get(key) != base_config.get(key):
-            raise ConfigError(f"{where}: {key} {config.get(key)} differs from base_model's {base_config.get(key)}")
+            hint = " (set tokenizer_source: union or base to map its rows by token)" if key == "vocab_size" else ""
+            raise ConfigError(
+                f"{where}: {key} {config.get(key)} differs from base_model's {base_config.get(key)}{hint}"
+            )
     layers = layer_count(source.model.config, source.arch)
     if layers != base_layers:
         raise ConfigError(f"{where}: {layers} layers, but base_model has {base_layers}")
@@ -121,7 +133,9 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
         model = _open(pool, entry.source_model, f"{label}.source_model")
         arch = require_architecture(model.config, model_label=f"{label}.source_model", need="an MoE expert")
         expert = ExpertSource(label, entry, model, arch)
-        _check_dense_expert(expert, base_config, layers, target, same_intermediate)
+        _check_dense_expert(
+            expert, base_config, layers, target, same_intermediate, recipe.vocabulary_source is not None
+        )
         return expert
 
     experts = [source(f"experts[{i}]", entry, True) for i, entry in enumerate(recipe.experts)]
