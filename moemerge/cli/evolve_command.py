@@ -72,12 +72,15 @@ def main(
     quiet: bool,
 ) -> None:
     """Search the ranges ({min, max}) of the recipe template in CONFIG; results and the best recipe go to OUT."""
-    from moemerge.config.merge_recipe import read_yaml
+    from moemerge.config.merge_recipe import read_yaml_documents
     from moemerge.errors import ConfigError
     from moemerge.evolve.objective import objective_from_config
     from moemerge.evolve.search import BEST, SearchSettings, run_search
 
-    data, _ = read_yaml(config_path)
+    documents, _ = read_yaml_documents(config_path)
+    if len(documents) != 1:
+        raise ConfigError(f"{config_path.name}: give one YAML document with 'template' and 'objective'")
+    data = documents[0]
     unknown = set(data) - {"template", "objective"}
     if unknown or "template" not in data or "objective" not in data:
         raise ConfigError(f"{config_path.name}: give exactly the keys 'template' and 'objective'")

@@ -17,18 +17,12 @@ class MergedModel:
 
 def merge_in_memory(recipe: dict, *, random_seed: int = 0) -> MergedModel:
     """Plan and run a dense recipe (a plain dict) tensor by tensor into memory, as `moemerge-yaml` would write it."""
-    from pydantic import ValidationError
-
-    from moemerge.config.merge_recipe import MergeRecipe, describe_validation_error
-    from moemerge.errors import ConfigError
+    from moemerge.config.merge_recipe import parse_merge_recipe
     from moemerge.io.loader import ModelPool
     from moemerge.merge import RunOptions, merge_tensor
     from moemerge.plan.dense_plan import plan_merge
 
-    try:
-        parsed = MergeRecipe.model_validate(recipe)
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, prefix="recipe: ")) from None
+    parsed = parse_merge_recipe(recipe, "recipe")
     pool = ModelPool()
     plan = plan_merge(parsed, pool)
     options = RunOptions(random_seed=random_seed, progress=False)
