@@ -178,6 +178,7 @@ def describe_plan(plan: MergePlan) -> str:
         f"method: {plan.method.name}",
         f"models: {', '.join(plan.models)}",
         f"reference (config, tokenizer): {plan.reference}",
+        *_vocabulary_lines(plan),
         f"output tensors: {len(plan.merges)} in {plan.layer_count} layers",
         f"output size: {plan.output_bytes / 1e9:.3f} GB",
         f"math dtype: {str(plan.math_dtype).removeprefix('torch.')}",
@@ -198,6 +199,14 @@ def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> li
         for merge in plan.merges
         for rows in row_blocks(plan, merge)
     ]
+
+
+def _vocabulary_lines(plan: MergePlan) -> list[str]:
+    vocabulary = plan.vocabulary
+    if vocabulary is None:
+        return []
+    aligned = sum(merge.vocab is not None for merge in plan.merges)
+    return [f"vocabulary: {len(vocabulary.vocab)} tokens in {vocabulary.size} rows; tensors mapped by token: {aligned}"]
 
 
 def run_merge(

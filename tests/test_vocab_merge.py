@@ -20,6 +20,8 @@ from conftest import read_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vocab_fixtures import CHAT_TOKENS
 
+from moemerge.cli.yaml_command import main as yaml_main
+
 pytest_plugins = ("vocab_fixtures",)
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -92,6 +94,9 @@ def test_union_maps_rows_by_token_and_runs_added_tokens(vocab_models, tmp_path):
     base_vocab = AutoTokenizer.from_pretrained(vocab_models["base"]).get_vocab()
     assert {token: vocab[token] for token in base_vocab} == base_vocab  # base ids kept, new tokens appended
     assert [vocab[t] for t in (*CHAT_TOKENS, "<tool>")] == [384, 385, 386]
+    added = {info.content: info.special for info in tokenizer.added_tokens_decoder.values()}
+    assert added["<|im_start|>"] and added["<|im_end|>"] and not added["<tool>"]  # each input's own settings
+    assert tokenizer.decode([384, 100, 385], skip_special_tokens=True) == tokenizer.decode([100])
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 387 and config["tie_word_embeddings"] is False
     merged = read_tensors(out)
@@ -142,14 +147,19 @@ def test_all_tied_inputs_give_a_tied_output(vocab_models, tmp_path):
 
 
 def test_tokenizer_from_a_shuffled_model_moves_ids_and_rows(vocab_models, tmp_path):
+    """The tokenizer source may be a folder with tokenizer files only; ids and rows follow its vocabulary."""
     out = tmp_path / "shuffled"
+    tokenizer_only = tmp_path / "tokenizer-only"
+    AutoTokenizer.from_pretrained(vocab_models["tools"]).save_pretrained(tokenizer_only)
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(vocab_models["base"]),
         "models": [{"model": str(vocab_models["tools"]), "parameters": {"weight": 0.5}}],
-        "tokenizer_source": str(vocab_models["tools"]),
+        "tokenizer_source": str(tokenizer_only),
     }
     merge(recipe, out, tmp_path)
+    dry = CliRunner().invoke(yaml_main, [str(tmp_path / "shuffled.yml"), str(tmp_path / "dry"), "--dry-run"])
+    assert "vocabulary: 385 tokens in 385 rows; tensors mapped by token: 1" in dry.output, dry.output
     tools_tokenizer = AutoTokenizer.from_pretrained(vocab_models["tools"])
     assert AutoTokenizer.from_pretrained(out).get_vocab() == tools_tokenizer.get_vocab()
     eos = tools_tokenizer.eos_token_id

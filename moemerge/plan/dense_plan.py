@@ -21,7 +21,7 @@ from moemerge.methods.registry import MergeMethod, Params, get_method
 from moemerge.plan.modules import ModuleRecipe, recipe_modules
 from moemerge.plan.parameters import check_names, layer_position, resolve_method_params, resolve_model_params
 from moemerge.vocab.alignment import OutputVocabulary, VocabRows
-from moemerge.vocab.build import build_vocabulary, embedding_rows, output_vocab_config
+from moemerge.vocab.build import build_vocabulary, embedding_rows, output_vocab_config, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class _Planner:
         )
         math_dtype = self.recipe.math_dtype or torch.float32
         source = self.recipe.vocabulary_source
-        tokenizer_model = self.reference_model if source in (None, "base", "union") else self.pool.get(source)
+        folder = self.reference_model.folder if source in (None, "base", "union") else tokenizer_folder(source)
         return MergePlan(
             self.method,
             self.merges,
@@ -168,7 +168,7 @@ class _Planner:
             config,
             offset,
             math_dtype,
-            tokenizer_model.folder,
+            folder,
             self.models,
             self.vocabulary,
         )

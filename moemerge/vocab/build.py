@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from moemerge.architectures import Architecture
-from moemerge.errors import ConfigError, TensorError
+from moemerge.errors import ConfigError, MoemergeError, TensorError
 from moemerge.io.loader import ModelPool
+from moemerge.io.model_ref import resolve_model
 from moemerge.io.writer import TensorSpec
 from moemerge.vocab.alignment import OutputVocabulary, padded_size, row_map
 from moemerge.vocab.config import TokenEmbedding
@@ -48,11 +50,7 @@ def build_vocabulary(
         others = [(tokenizers[model], vocabs[model]) for model in vocabs if model != base]
         output = union_tokenizer(base_tokenizer, others, base_vocab)
     else:
-        try:
-            folder = pool.get(source).folder
-        except Exception as error:  # a MoemergeError naming the model; say which key asked for it
-            raise ConfigError(f"tokenizer source: {error}") from None
-        output = load_tokenizer(folder, source, required=True)
+        output = load_tokenizer(tokenizer_folder(source), source, required=True)
     add_recipe_tokens(output, list(tokens or {}))
     vocab = dict(output.get_vocab())
     size = padded_size(max(len(vocab), max(vocab.values(), default=-1) + 1), pad_to_multiple_of)
@@ -66,6 +64,14 @@ def build_vocabulary(
         token_configs=dict(tokens or {}),
         reference_tokens={index: token for token, index in base_tokenizer.get_vocab().items()},
     )
+
+
+def tokenizer_folder(source: str) -> Path:
+    """The folder of a tokenizer source given as a model reference (it needs no weights, only tokenizer files)."""
+    try:
+        return resolve_model(source)
+    except MoemergeError as error:
+        raise ConfigError(f"tokenizer source: {error}") from None
 
 
 def embedding_rows(pool: ModelPool, models: list[str], arch: Architecture) -> dict[str, int]:

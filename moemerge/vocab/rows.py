@@ -22,10 +22,11 @@ def default_rows(vocab: VocabRows, tensors: list[torch.Tensor]) -> torch.Tensor:
 def align_rows(vocab: VocabRows, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each input as an output-sized tensor: its own rows where it has the token, defaults or padding elsewhere."""
     fills = default_rows(vocab, tensors)
-    default_at = torch.tensor([default.out_row for default in vocab.defaults], dtype=torch.long)
+    device = tensors[0].device
+    default_at = torch.tensor([default.out_row for default in vocab.defaults], dtype=torch.long, device=device)
     aligned = []
     for tensor, rows in zip(tensors, vocab.rows, strict=True):
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=device)
         out = tensor.new_zeros((len(rows), *tensor.shape[1:]))
         own = index >= 0
         out[own] = tensor[index[own]]
