@@ -27,9 +27,10 @@ def align_rows(vocab: VocabRows, tensors: list[torch.Tensor]) -> list[torch.Tens
     aligned = []
     for tensor, rows in zip(tensors, vocab.rows, strict=True):
         index = torch.tensor(rows, dtype=torch.long, device=device)
-        out = tensor.new_zeros((len(rows), *tensor.shape[1:]))
         own = index >= 0
-        out[own] = tensor[index[own]]
+        out = tensor.index_select(0, index.clamp(min=0))  # one gather; rows the input lacks are set below
+        lacking_rows = (~own).nonzero().squeeze(1)
+        out[lacking_rows] = 0
         if len(default_at):
             lacking = index[default_at] == MISSING
             out[default_at[lacking]] = fills[lacking]
