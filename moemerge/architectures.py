@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -219,10 +220,28 @@ def with_layer(name: str, layer: int) -> str:
     return f"{match['prefix']}{layer}.{match['suffix']}"
 
 
-def layer_count(config: dict, arch: Architecture) -> int:
+def layer_count(
+    config: dict, arch: Architecture, tensor_names: Iterable[str] | None = None, *, label: str = "model"
+) -> int:
+    """The config's layer count, checked: a whole number, and (given the tensor names) no more than the weights hold.
+
+    Checked before any loop runs over the layers: a config saying 1e9 layers must fail at once, not loop for hours.
+    """
     key = arch.layer_count_key
     config_text = config.get("text_config") if key not in config else None
     source = config_text if isinstance(config_text, dict) else config
     if key not in source:
         raise MoemergeError(f"config.json has no {key!r}: cannot tell how many layers the model has")
-    return int(source[key])
+    value = source[key]
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
+        raise MoemergeError(f"{label}: config.json has {key} {value!r}, not a whole number of layers")
+    count = int(value)
+    if tensor_names is not None:
+        present = {index for index in map(layer_of, tensor_names) if index is not None}
+        held = max(present) + 1 if present else 0
+        if count > held:
+            raise MoemergeError(
+                f"{label}: config.json has {key} {count}, but the weights hold tensors for {held} layers"
+            )
+    return count

@@ -224,3 +224,14 @@ def test_bad_shard_size_is_a_usage_error(toy_models, write_recipe, run_yaml, tmp
     result = run_yaml(write_recipe(linear(toy_models["coder"])), tmp_path / "out", "--out-shard-size", "lots")
     assert result.exit_code == 2 and "--out-shard-size" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_while_the_tokenizer_is_copied(toy_models, write_recipe, run_yaml, tmp_path, monkeypatch):
+    """The tensors fit, then the disk fills up during the tokenizer copy: one line naming the file, no output."""
+
+    def no_space(source, target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", no_space)
+    out = tmp_path / "out"
+    assert_clean_failure(run_yaml(write_recipe(linear(toy_models["coder"])), out), out, "disk full", "tokenizer")

@@ -96,8 +96,8 @@ def test_unknown_tensor_missing_shard_and_truncated_file_are_clear_errors(sharde
     shard = sharded / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 8])
-    with pytest.raises(TensorError, match="do not fit its shape|ends before"):
-        LazyModel(sharded).read("model.norm.weight")
+    with pytest.raises(TensorError, match="model-00002-of-00002.safetensors is not a valid .* data section"):
+        LazyModel(sharded)  # a truncated shard is refused when it is opened, before any tensor is read
     shard.unlink()
     with pytest.raises(TensorError, match="model-00002-of-00002.safetensors.*missing"):
         LazyModel(sharded).read("model.norm.weight")
@@ -105,10 +105,10 @@ def test_unknown_tensor_missing_shard_and_truncated_file_are_clear_errors(sharde
 
 def test_a_corrupt_header_is_a_tensor_error_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
-    with pytest.raises(TensorError, match=r"model.safetensors: header length"):
+    with pytest.raises(TensorError, match=r"model.safetensors is not a valid safetensors file: header length"):
         LazyModel(tmp_path)
     (tmp_path / "model.safetensors").write_bytes((4).to_bytes(8, "little") + b"{no}")
-    with pytest.raises(TensorError, match="cannot read model.safetensors"):
+    with pytest.raises(TensorError, match="model.safetensors is not a valid safetensors file"):
         LazyModel(tmp_path)
 
 

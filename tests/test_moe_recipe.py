@@ -101,5 +101,5 @@ def test_load_rejects_non_mapping_and_bad_yaml(tmp_path):
     broken.write_text("base_model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_moe_recipe(broken)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="cannot read recipe .*absent.yml"):
         load_moe_recipe(tmp_path / "absent.yml")

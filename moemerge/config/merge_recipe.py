@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.config.keys import did_you_mean, schema_keys
+from moemerge.config.recipe_file import read_recipe_documents
 from moemerge.errors import ConfigError
 from moemerge.vocab.config import VocabularyKeys
 
@@ -210,20 +210,7 @@ def describe_validation_error(error: ValidationError, prefix: str = "", schema: 
 
 def read_yaml_documents(path: Path) -> tuple[list[dict[str, Any]], str]:
     """The YAML mappings in `path` (one per `---` document) and its text; unreadable or bad YAML is a ConfigError."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read recipe {path}: {error.strerror or error}") from None
-    try:
-        documents = [data for data in yaml.safe_load_all(text) if data is not None]
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not documents or not all(isinstance(data, dict) for data in documents):
-        raise ConfigError(f"{path}: a recipe must be a YAML mapping of keys (merge_method, models, ...)")
-    return documents, text
+    return read_recipe_documents(path)
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], str]:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moemerge.config.recipe_file import read_recipe
 from moemerge.errors import ConfigError
 from moemerge.vocab.config import VocabularyKeys
 
@@ -99,12 +99,6 @@ def parse_moe_recipe(data: Any) -> MoeRecipe:
 
 
 def load_moe_recipe(path: Path) -> tuple[MoeRecipe, dict]:
-    """The validated recipe and the raw mapping (copied into the output as written)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    """The validated recipe and the raw mapping (copied into the output as written); a pipe works too."""
+    data, _ = read_recipe(path)
     return parse_moe_recipe(data), data

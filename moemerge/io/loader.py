@@ -12,7 +12,7 @@ import pickle
 import threading
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -35,14 +35,20 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
 def load_config(folder: Path, label: str) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelNotFoundError(f"model {label!r}: no config.json in {folder}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelNotFoundError(f"model {label!r}: config.json is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"model {label!r}: config.json is not a JSON object")
+    return config
 
 
 @dataclass(frozen=True)
@@ -55,34 +61,95 @@ class StoredTensor:
     end: int
 
 
-def read_safetensors_header(file: Path, label: str) -> dict[str, StoredTensor]:
-    """Parse a safetensors header (u64 length, JSON) into absolute byte ranges, checking them against the file."""
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"tensor {duplicate!r} is listed twice")
+    return mapping
+
+
+def parse_safetensors_header(raw: bytes, data_length: int) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors JSON header, checked by the format's rules; raises ValueError naming the fault.
+
+    Rules (as the safetensors library applies them): a JSON object with unique names; each entry a known dtype,
+    a shape of non-negative integers, and [begin, end] offsets whose length is the shape's byte size; sorted by
+    offset, the tensors tile the data section exactly: no gaps, no overlaps, nothing outside it.
+    """
+    header = json.loads(raw, object_pairs_hook=_unique_keys)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    entries: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"the entry for {name!r} is not a JSON object")
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise ValueError(f"{name!r} has an unknown dtype {entry.get('dtype')!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"{name!r} has shape {shape!r}: not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int and n >= 0 for n in offsets)):
+            raise ValueError(f"{name!r} has data_offsets {offsets!r}: not two non-negative integers")
+        nbytes = dtype.itemsize
+        for size in shape:
+            nbytes *= size  # Python integers: a huge shape cannot wrap around, it just fails the checks below
+        begin, end = offsets
+        if end < begin or end - begin != nbytes:
+            raise ValueError(f"{name!r} has offsets [{begin}, {end}] that do not match its shape {shape}")
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    entries.sort(key=lambda item: (item[0], item[1]))
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            fault = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise ValueError(f"{name!r} at byte {begin} {fault} (expected byte {position})")
+        position = end
+    if position != data_length:
+        raise ValueError(f"the tensors cover {position} bytes but the data section holds {data_length}")
+    data_start = 8 + len(raw)
+    return {
+        name: StoredTensor(dtype, shape, data_start + begin, data_start + end)
+        for begin, end, name, dtype, shape in entries
+    }
+
+
+def read_header_from_fd(fd: int, file_name: str, label: str) -> dict[str, StoredTensor]:
+    """The checked header of the open safetensors file `fd` (read with pread, so the fd can be shared)."""
+    size = os.fstat(fd).st_size
     try:
-        with open(file, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            header_length = int.from_bytes(handle.read(8), "little")
-            if size < 8 or header_length > size - 8:
-                raise ValueError("header length runs past the end of the file")
-            header = json.loads(handle.read(header_length))
+        if size < 8:
+            raise ValueError("the file is shorter than the 8-byte header length")
+        header_length = int.from_bytes(os.pread(fd, 8, 0), "little")
+        if header_length > MAX_HEADER_BYTES:
+            raise ValueError(f"header length {header_length} is over the format's {MAX_HEADER_BYTES}-byte limit")
+        if header_length > size - 8:
+            raise ValueError("header length runs past the end of the file")
+        raw = os.pread(fd, header_length, 8)
+        if len(raw) != header_length:
+            raise ValueError("the file ends inside its header")
+        return parse_safetensors_header(raw, size - 8 - header_length)
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        reason = "the header nests too deeply" if isinstance(error, RecursionError) else str(error)
+        raise TensorError(f"model {label!r}: {file_name} is not a valid safetensors file: {reason}") from None
+
+
+def read_safetensors_header(file: Path, label: str) -> dict[str, StoredTensor]:
+    """Parse and check a safetensors header into absolute byte ranges."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
     except FileNotFoundError:
         raise TensorError(f"model {label!r}: shard {file.name} listed in the index is missing") from None
-    except (OSError, ValueError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise TensorError(f"model {label!r}: cannot read {file.name}: {error}") from None
-    data_start = 8 + header_length
-    stored: dict[str, StoredTensor] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, finish = (data_start + int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise TensorError(f"model {label!r}: {file.name} has a malformed entry for {name!r}") from None
-        if finish > size or finish - begin != torch.Size(shape).numel() * dtype.itemsize:
-            raise TensorError(f"model {label!r}: {file.name} has byte offsets for {name!r} that do not fit its shape")
-        stored[name] = StoredTensor(dtype, shape, begin, finish)
-    return stored
+    except OSError as error:
+        raise TensorError(f"model {label!r}: cannot read {file.name}: {error.strerror or error}") from None
+    try:
+        return read_header_from_fd(fd, file.name, label)
+    finally:
+        os.close(fd)
 
 
 class LazyModel:
@@ -99,6 +166,7 @@ class LazyModel:
         self._lock = threading.Lock()  # guards opening files, never reading them
         self._headers: dict[Path, dict[str, StoredTensor]] = {}
         self._fds: dict[Path, int] = {}
+        self._identity: dict[Path, tuple[int, int]] = {}  # (size, mtime) of each shard when its header was read
         self._bin_shards: dict[Path, dict[str, torch.Tensor]] = {}
         self.file_of = self._map_files()
 
@@ -127,8 +195,11 @@ class LazyModel:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index_path = self.folder / index_name
             if index_path.is_file():
-                weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-                return {name: self.folder / file for name, file in weight_map.items()}
+                mapping = self._read_index(index_path)
+                for file in dict.fromkeys(mapping.values()):
+                    if file.suffix == ".safetensors":
+                        self._header(file)  # every shard opened now, at plan time: later reads use these fds
+                return mapping
         files = sorted(self.folder.glob("*.safetensors")) or sorted(self.folder.glob("*.bin"))
         files = [f for f in files if f.name != "training_args.bin"]
         if not files:
@@ -140,13 +211,57 @@ class LazyModel:
                 mapping[name] = file
         return mapping
 
+    def _read_index(self, index_path: Path) -> dict[str, Path]:
+        """The index's tensor → shard map; every shard must lie inside the model folder (no absolute path, no `..`).
+
+        The check is on the names as written, not on resolved paths, so the Hugging Face cache's symlinks into
+        its blob store still work.
+        """
+        where = f"model {self.label!r}: {index_path.name}"
+        try:
+            index = json.loads(index_path.read_bytes())
+        except (OSError, ValueError) as error:
+            raise TensorError(f"{where} is not valid JSON ({error})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise TensorError(f"{where} has no 'weight_map' object")
+        mapping: dict[str, Path] = {}
+        for name, file in weight_map.items():
+            relative = PurePosixPath(file) if isinstance(file, str) else None
+            if relative is None or not file or relative.is_absolute() or ".." in relative.parts or "\\" in file:
+                raise TensorError(f"{where} puts {name!r} in {file!r}, outside the model folder")
+            mapping[name] = self.folder / relative
+        return mapping
+
+    def _open_safetensors(self, file: Path) -> None:
+        """Open a shard once, read its header through that descriptor, and remember the file's size and mtime.
+
+        Every later read goes through the same descriptor, so a shard replaced on disk during the run (a new
+        file renamed over it) is never mixed in; one rewritten in place is reported (see `_check_unchanged`).
+        """
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TensorError(f"model {self.label!r}: shard {file.name} listed in the index is missing") from None
+        except OSError as error:
+            raise TensorError(f"model {self.label!r}: cannot open {file.name}: {error.strerror or error}") from None
+        try:
+            header = read_header_from_fd(fd, file.name, self.label)
+            status = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[file] = fd
+        self._identity[file] = (status.st_size, status.st_mtime_ns)
+        self._headers[file] = header
+
     def _header(self, file: Path) -> dict[str, StoredTensor]:
         header = self._headers.get(file)
         if header is None:
             with self._lock:
-                header = self._headers.get(file)
-                if header is None:
-                    header = self._headers[file] = read_safetensors_header(file, self.label)
+                if file not in self._headers:
+                    self._open_safetensors(file)
+                header = self._headers[file]
         return header
 
     def _stored(self, name: str, file: Path) -> StoredTensor:
@@ -156,16 +271,20 @@ class LazyModel:
         return stored
 
     def _fd(self, file: Path) -> int:
+        self._header(file)
         fd = self._fds.get(file)
         if fd is None:
-            with self._lock:
-                fd = self._fds.get(file)
-                if fd is None:
-                    try:
-                        fd = self._fds[file] = os.open(file, os.O_RDONLY)
-                    except OSError as error:
-                        raise TensorError(f"model {self.label!r}: cannot open {file.name}: {error.strerror}") from None
+            raise TensorError(f"model {self.label!r}: {file.name} was closed")
         return fd
+
+    def _check_unchanged(self, file: Path, fd: int) -> None:
+        """A shard written to in place since its header was read is an error, never silently mixed data."""
+        status = os.fstat(fd)
+        if (status.st_size, status.st_mtime_ns) != self._identity[file]:
+            raise TensorError(
+                f"model {self.label!r}: {file.name} changed on disk while moemerge was reading it; "
+                "rerun once nothing else writes to the input models"
+            )
 
     def _bin(self, file: Path) -> dict[str, torch.Tensor]:
         """A `.bin` shard loaded weights-only (no arbitrary pickled code runs), memory-mapped when possible."""
@@ -237,8 +356,11 @@ class LazyModel:
         while done < length:
             count = os.preadv(fd, [view[done:]], start + done)
             if count == 0:
-                raise TensorError(f"model {self.label!r}: {file.name} ends before its tensors do (truncated download?)")
+                break
             done += count
+        self._check_unchanged(file, fd)  # after the read: a change before or during it is caught
+        if done < length:
+            raise TensorError(f"model {self.label!r}: {file.name} ends before its tensors do (truncated download?)")
         return buffer
 
     def _read_stored(
@@ -303,6 +425,7 @@ class LazyModel:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._headers.clear()  # reopened (and re-checked) if the model is read again
 
 
 class ModelPool:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
 from moemerge import __version__
+from moemerge.errors import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,17 @@ TOKENIZER_FILES = (
 )
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (disk full, permissions) into one readable OutputError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {path}: free space or choose another output folder") from None
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -40,14 +54,16 @@ def write_config(folder: Path, config: dict, *, out_dtype: torch.dtype | None = 
     if out_dtype is not None:
         config["torch_dtype"] = dtype_name(out_dtype)
         config["dtype"] = dtype_name(out_dtype)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with writing(folder / "config.json"):
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def copy_tokenizer(source: Path, folder: Path) -> list[str]:
     """Copy the tokenizer files that exist in `source`; returns their names."""
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
-        shutil.copyfile(source / name, folder / name)
+        with writing(folder / name):
+            shutil.copyfile(source / name, folder / name)
     if not copied:
         log.warning("no tokenizer files in %s; the output has no tokenizer", source)
     return copied
@@ -55,12 +71,14 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
 
 def copy_generation_config(source: Path, folder: Path) -> None:
     if (source / "generation_config.json").is_file():
-        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+        with writing(folder / "generation_config.json"):
+            shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
 
 
 def write_recipe(folder: Path, file_name: str, recipe: dict) -> str:
     text = yaml.safe_dump(recipe, sort_keys=False)
-    (folder / file_name).write_text(text)
+    with writing(folder / file_name):
+        (folder / file_name).write_text(text)
     return text
 
 
@@ -90,4 +108,5 @@ def write_model_card(
         + recipe_text
         + "```\n"
     )
-    (folder / "README.md").write_text(card)
+    with writing(folder / "README.md"):
+        (folder / "README.md").write_text(card)

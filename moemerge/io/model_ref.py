@@ -18,10 +18,14 @@ def split_revision(reference: str) -> tuple[str, str | None]:
 def resolve_model(reference: str) -> Path:
     """A local folder as-is; otherwise a Hugging Face repo id from the local cache (or the hub when online)."""
     local = Path(reference).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    if local.exists():
-        raise ModelNotFoundError(f"model {reference!r} is a file; give the folder that holds config.json")
+    try:
+        if local.is_dir():
+            return local.resolve()
+        if local.exists():
+            raise ModelNotFoundError(f"model {reference!r} is a file; give the folder that holds config.json")
+    except OSError as error:  # a name too long for the file system, a permission problem on the way
+        shown = reference if len(reference) <= 80 else f"{reference[:40]}... ({len(reference)} characters)"
+        raise ModelNotFoundError(f"model {shown!r}: {error.strerror or error}") from None
     repo_id, revision = split_revision(reference)
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
         raise ModelNotFoundError(f"model {reference!r} not found: no such folder, and not an 'org/name' repo id")

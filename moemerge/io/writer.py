@@ -170,8 +170,12 @@ class ShardedWriter:
         if self._pending:
             missing = sorted(self._pending)[:3]
             raise RuntimeError(f"{len(self._pending)} planned tensors were never written, e.g. {missing}")
+        try:
+            for _, fd in self._files:
+                os.fsync(fd)  # a full disk can surface only here, when delayed allocation meets the disk
+        except OSError as error:
+            raise _output_error(error, self.folder) from None
         for _, fd in self._files:
-            os.fsync(fd)
             os.close(fd)
         self._files = []
         weight_map = {name: file_name for name, (file_name, _, _) in self._location.items()}
@@ -179,7 +183,10 @@ class ShardedWriter:
             "metadata": {"total_size": sum(spec.nbytes for spec in self.specs.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as error:
+            raise _output_error(error, self.folder / INDEX_NAME) from None
 
     def abort(self) -> None:
         for _, fd in self._files:

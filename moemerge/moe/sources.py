@@ -101,7 +101,7 @@ def _check_dense_expert(
             raise ConfigError(
                 f"{where}: {key} {config.get(key)} differs from base_model's {base_config.get(key)}{hint}"
             )
-    layers = layer_count(source.model.config, source.arch)
+    layers = layer_count(source.model.config, source.arch)  # compared with the base, whose count is checked
     if layers != base_layers:
         raise ConfigError(f"{where}: {layers} layers, but base_model has {base_layers}")
 
@@ -127,7 +127,7 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
     if base_config.get("attention_bias") or base_config.get("mlp_bias"):
         if target_name == "mixtral":
             raise ConfigError("base_model has attention or MLP biases, which Mixtral cannot hold")
-    layers = layer_count(base.config, base_arch)
+    layers = layer_count(base.config, base_arch, base.names, label="base_model")
 
     def source(label: str, entry: ExpertEntry, same_intermediate: bool) -> ExpertSource:
         model = _open(pool, entry.source_model, f"{label}.source_model")

@@ -66,7 +66,7 @@ class MergePlan:
 
 def _model_layers(model: LazyModel, arch: Architecture) -> int:
     if arch.name != "unknown":
-        return layer_count(model.config, arch)
+        return layer_count(model.config, arch, model.names, label=f"model {model.label!r}")
     layers = [index for index in map(layer_of, model.names) if index is not None]
     if not layers:
         raise ConfigError(f"model {model.label!r}: unknown architecture and no '.layers.N.' tensors to merge by layer")

@@ -49,7 +49,7 @@ class MoeSource:
                 f"model {model.label!r} is a dense {self.config.get('model_type')!r} model, not a mixture of experts"
             )
         self.moe: MoeLayout = self.arch.moe
-        self.num_layers = layer_count(self.config, self.arch)
+        self.num_layers = layer_count(self.config, self.arch, model.names, label=f"model {model.label!r}")
         self.fused = self._fused_names()
         self.moe_layers = [layer for layer in range(self.num_layers) if self._router_name(layer) is not None]
         if not self.moe_layers:
