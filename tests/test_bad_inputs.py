@@ -229,8 +229,12 @@ def test_bad_shard_size_is_a_usage_error(toy_models, write_recipe, run_yaml, tmp
 def test_full_disk_while_the_tokenizer_is_copied(toy_models, write_recipe, run_yaml, tmp_path, monkeypatch):
     """The tensors fit, then the disk fills up during the tokenizer copy: one line naming the file, no output."""
 
+    real_copyfile = shutil.copyfile
+
     def no_space(source, target, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if Path(target).name.startswith("tokenizer"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copyfile(source, target, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "copyfile", no_space)
     out = tmp_path / "out"
