@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from moemerge.errors import TensorError
+from moemerge.finite import nonfinite_count
 from moemerge.io.loader import LazyModel
 from moemerge.io.writer import ShardedWriter, TensorSpec
 
@@ -82,9 +84,31 @@ def _output_bytes(output: OutputTensor) -> int:
     return round(output.spec.nbytes * output.share)
 
 
-def _produce_and_write(writer: ShardedWriter, output: OutputTensor) -> None:
+def _produce_and_write(writer: ShardedWriter, output: OutputTensor, allow_nonfinite: bool = False) -> None:
     tensor = output.produce()
-    writer.write(output.spec.name, tensor.to(output.spec.dtype), first_row=output.rows[0] if output.rows else 0)
+    written = checked_output(output.spec, tensor, allow_nonfinite)
+    writer.write(output.spec.name, written, first_row=output.rows[0] if output.rows else 0)
+
+
+def checked_output(spec: TensorSpec, tensor: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
+    """The tensor in its output dtype; NaN or Inf in it (from the inputs, the math, or an overflow of a narrow
+    dtype such as float16) is an error unless allowed, and then a warning."""
+    written = tensor.to(spec.dtype)
+    bad = nonfinite_count(written)
+    if not bad:
+        return written
+    overflow = tensor.dtype != spec.dtype and nonfinite_count(tensor) < bad
+    dtype = str(spec.dtype).removeprefix("torch.")
+    cause = (
+        f"overflows {dtype} (largest finite value {torch.finfo(spec.dtype).max:g})"
+        if overflow
+        else "has NaN or Inf values"
+    )
+    message = f"output tensor {spec.name!r} {cause} in {bad} of {written.numel()} entries"
+    if not allow_nonfinite:
+        raise TensorError(f"{message}; choose a wider dtype, or pass --allow-nonfinite to write it anyway")
+    log.warning("%s (written anyway: --allow-nonfinite)", message)
+    return written
 
 
 class _ReadAhead:
@@ -123,6 +147,7 @@ def write_tensors(
     description: str = "merging",
     max_memory: int | None = None,
     workers: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> int:
     """Produce every output tensor and write it, `workers` at a time within `max_memory`; returns bytes written."""
     budget = max_memory or default_max_memory()
@@ -143,10 +168,10 @@ def write_tensors(
         if workers == 1:
             for index, output in enumerate(outputs):
                 read_ahead.advance(index + 1)
-                _produce_and_write(writer, output)
+                _produce_and_write(writer, output, allow_nonfinite)
                 bar.update(_output_bytes(output))
         else:
-            _run_parallel(writer, outputs, budget, workers, read_ahead, bar)
+            _run_parallel(writer, outputs, budget, workers, read_ahead, bar, allow_nonfinite)
         writer.close()
     except BaseException:
         writer.abort()
@@ -164,6 +189,7 @@ def _run_parallel(
     workers: int,
     read_ahead: _ReadAhead,
     bar: tqdm,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Start tensors in plan order while their estimated memory fits the budget; a lone tensor always fits."""
     in_flight: dict[Future, int] = {}  # future -> its estimated working bytes
@@ -186,7 +212,7 @@ def _run_parallel(
                 while in_flight and (len(in_flight) >= workers or used + cost > budget):
                     collect(block=True)
                 read_ahead.advance(index + 1)
-                future = pool.submit(_produce_and_write, writer, output)
+                future = pool.submit(_produce_and_write, writer, output, allow_nonfinite)
                 in_flight[future], outputs_of[future] = cost, output
                 used += cost
             while in_flight:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from moemerge.config.merge_recipe import MergeRecipe
-from moemerge.executor import OutputTensor, write_tensors
+from moemerge.executor import OutputTensor, checked_output, write_tensors
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
@@ -41,6 +41,7 @@ class RunOptions:
     workers: int | None = None
     executor: str = "local"  # local | ray: output shards as Ray tasks (moemerge.distributed.ray_shards)
     ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
+    allow_nonfinite: bool = False  # write NaN/Inf (or float16 overflow) with a warning instead of failing
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -74,7 +75,8 @@ def merge_tensor(
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
     generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
-    return merged.to(plan.math_dtype).to(merge.spec.dtype)  # rounded once to the math dtype, as mergekit rounds
+    merged = merged.to(plan.math_dtype)  # rounded once to the math dtype, as mergekit rounds
+    return checked_output(merge.spec, merged, options.allow_nonfinite)  # cast, with an overflow told from a NaN
 
 
 def read_input(
@@ -133,7 +135,8 @@ def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, op
     for first_entry, base, tensors in source.blocks():
         block = two_pass.merge_block(tensors, base, merge.model_params, merge.method_params, stats, first_entry)
         first_row = first_entry // source.row_numel
-        out[first_row : first_row + block.shape[0]].copy_(block.to(plan.math_dtype))
+        block = checked_output(merge.spec, block.to(plan.math_dtype), options.allow_nonfinite)
+        out[first_row : first_row + block.shape[0]].copy_(block)
     return out
 
 
@@ -227,6 +230,7 @@ def run_merge(
                 description=f"{plan.method.name} merge",
                 max_memory=options.max_memory,
                 workers=options.workers,
+                allow_nonfinite=options.allow_nonfinite,
             )
         reference_folder = pool.get(plan.reference).folder
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)

@@ -337,3 +337,57 @@ def test_a_model_path_that_is_too_long_is_model_not_found():
 
     with pytest.raises(ModelNotFoundError, match="File name too long"):
         resolve_model("m" * 5000)
+
+
+# --- numbers -------------------------------------------------------------------------------------------------
+
+
+def _with_nan(source: Path, target: Path, name: str = "model.layers.1.mlp.down_proj.weight") -> Path:
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    tensors[name][0, 0] = float("nan")
+    tensors[name][1, 1] = float("inf")
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_nan_in_an_input_is_named_and_a_nonfinite_output_is_an_error(toy_models, write_recipe, run_yaml, tmp_path):
+    broken = _with_nan(toy_models["math"], tmp_path / "nan-model")
+    recipe = write_recipe(linear(toy_models["coder"], broken))
+    out = tmp_path / "out"
+    result = run_yaml(recipe, out, "--quiet")
+    assert_clean_failure(result, out, "'model.layers.1.mlp.down_proj.weight'", "NaN or Inf", "--allow-nonfinite")
+    assert "input tensor 'model.layers.1.mlp.down_proj.weight' holds 2 NaN or Inf values" in result.stderr
+    assert str(broken) in result.stderr
+    allowed = run_yaml(recipe, out, "--quiet", "--allow-nonfinite")
+    assert allowed.exit_code == 0, allowed.output
+    assert "written anyway" in allowed.stderr
+    merged = load_file(out / "model-00001-of-00001.safetensors")["model.layers.1.mlp.down_proj.weight"]
+    assert merged[0, 0].isnan() and merged[1, 1].isinf()
+
+
+def test_float16_overflow_at_out_dtype_is_an_error(toy_models, write_recipe, run_yaml, tmp_path):
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(toy_models["coder"]), "parameters": {"weight": 1e9}}],
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+        "out_dtype": "float16",
+    }
+    out = tmp_path / "out"
+    result = run_yaml(write_recipe(recipe), out, "--quiet")
+    assert_clean_failure(result, out, "overflows float16", "65504")
+    assert "NaN or Inf values" not in result.stderr  # the inputs were fine: no input warning
+
+
+def test_checked_output_tells_overflow_from_nan():
+    from moemerge.executor import checked_output
+    from moemerge.io.writer import TensorSpec
+
+    spec = TensorSpec("w", (3,), torch.float16)
+    assert torch.equal(checked_output(spec, torch.tensor([1.0, 2.0, 3.0]), False), torch.tensor([1.0, 2.0, 3.0]).half())
+    with pytest.raises(TensorError, match="'w' overflows float16 .* in 1 of 3"):
+        checked_output(spec, torch.tensor([1.0, 7e4, 3.0]), False)
+    with pytest.raises(TensorError, match="'w' has NaN or Inf values in 1 of 3"):
+        checked_output(spec, torch.tensor([float("nan"), 2.0, 3.0]), False)
+    assert checked_output(spec, torch.tensor([1.0, 7e4, 3.0]), True)[1].isinf()

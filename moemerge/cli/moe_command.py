@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    allow_nonfinite_option,
     copy_tokenizer_option,
     device_option,
     dry_run_option,
@@ -37,6 +38,7 @@ from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dty
 @copy_tokenizer_option
 @trust_remote_code_option
 @overwrite_option
+@allow_nonfinite_option
 @dry_run_option
 @verbose_option
 @quiet_option
@@ -59,6 +61,7 @@ def main(
     copy_tokenizer: bool,
     trust_remote_code: bool,
     overwrite: bool,
+    allow_nonfinite: bool,
     dry_run: bool,
     verbose: bool,
     quiet: bool,
@@ -77,6 +80,7 @@ def main(
         copy_tokenizer=copy_tokenizer,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         hidden_pool=hidden_pool,
         progress=not quiet,
         max_memory=max_memory,

@@ -77,6 +77,9 @@ copy_tokenizer_option = click.option(
 trust_remote_code_option = click.option(
     "--trust-remote-code", is_flag=True, help="Allow running model code shipped with a checkpoint (off by default)."
 )
+allow_nonfinite_option = click.option(
+    "--allow-nonfinite", is_flag=True, help="Write NaN/Inf (or float16 overflow) with a warning instead of failing."
+)
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan and exit without reading tensors.")
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
 quiet_option = click.option("--quiet", is_flag=True, help="Only warnings and errors; no progress bar.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    allow_nonfinite_option,
     device_option,
     dry_run_option,
     overwrite_option,
@@ -84,6 +85,7 @@ class Output:
 @device_option
 @shard_size_option
 @overwrite_option
+@allow_nonfinite_option
 @trust_remote_code_option
 @dry_run_option
 @verbose_option
@@ -106,6 +108,7 @@ def main(
     device: str,
     out_shard_size: int,
     overwrite: bool,
+    allow_nonfinite: bool,
     trust_remote_code: bool,
     dry_run: bool,
     verbose: bool,
@@ -151,6 +154,7 @@ def main(
                 model,
                 out_shard_size,
                 quiet,
+                allow_nonfinite,
             )
     log.info("wrote %s", out)
 
@@ -302,9 +306,24 @@ def _recipe(
     return recipe
 
 
-def _write(source: MoeSource, output: Output, folder: Path, model: str, shard_size: int, quiet: bool) -> None:
+def _write(
+    source: MoeSource,
+    output: Output,
+    folder: Path,
+    model: str,
+    shard_size: int,
+    quiet: bool,
+    allow_nonfinite: bool = False,
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_tensors(folder, output.tensors, max_shard_bytes=shard_size, progress=not quiet, description="splitting")
+    write_tensors(
+        folder,
+        output.tensors,
+        max_shard_bytes=shard_size,
+        progress=not quiet,
+        description="splitting",
+        allow_nonfinite=allow_nonfinite,
+    )
     write_config(folder, output.config, out_dtype=source.part_dtype(source.moe_layers[0]))
     copy_tokenizer(source.model.folder, folder)
     copy_generation_config(source.model.folder, folder)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    allow_nonfinite_option,
     copy_tokenizer_option,
     device_option,
     dry_run_option,
@@ -48,6 +49,7 @@ from moemerge.plan.dense_plan import plan_merge
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
 @trust_remote_code_option
 @overwrite_option
+@allow_nonfinite_option
 @dry_run_option
 @verbose_option
 @quiet_option
@@ -75,6 +77,7 @@ def main(
     ray_address: str | None,
     trust_remote_code: bool,
     overwrite: bool,
+    allow_nonfinite: bool,
     dry_run: bool,
     verbose: bool,
     quiet: bool,
@@ -99,6 +102,7 @@ def main(
         workers=workers,
         copy_tokenizer=copy_tokenizer,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         executor=executor,
         ray_address=ray_address,

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from moemerge.errors import ConfigError
+from moemerge.io.output_dir import protect_recipe
 
 MAX_RECIPE_BYTES = 64 * 2**20  # a recipe is a few kilobytes; this only stops a wrong file from filling memory
 
@@ -53,6 +54,7 @@ def read_recipe_text(path: Path | str) -> str:
         if error.errno == errno.ENAMETOOLONG:
             raise ConfigError(f"cannot read recipe {name}: the path is too long") from None
         raise ConfigError(f"cannot read recipe {name}: {error.strerror or error}") from None
+    protect_recipe(path)  # --overwrite may not replace a folder that holds the recipe
     if len(raw) > MAX_RECIPE_BYTES:
         raise ConfigError(f"recipe {name} is larger than {MAX_RECIPE_BYTES // 2**20} MiB: not a recipe")
     try:

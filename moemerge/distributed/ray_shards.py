@@ -84,6 +84,7 @@ def write_one_shard(plan, options, task: ShardTask, staging: str) -> dict:
             progress=False,
             max_memory=options.max_memory,
             workers=options.workers,
+            allow_nonfinite=options.allow_nonfinite,
         )
         written = scratch / "model-00001-of-00001.safetensors"
         _test_death(task)

@@ -7,6 +7,7 @@ memory-mapped, so memory grows with the tensors in flight, not with the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import threading
@@ -17,7 +18,11 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from moemerge.errors import ModelNotFoundError, TensorError
+from moemerge.finite import nonfinite_count
 from moemerge.io.model_ref import resolve_model
+from moemerge.io.output_dir import protect_model
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -168,6 +173,8 @@ class LazyModel:
         self._fds: dict[Path, int] = {}
         self._identity: dict[Path, tuple[int, int]] = {}  # (size, mtime) of each shard when its header was read
         self._bin_shards: dict[Path, dict[str, torch.Tensor]] = {}
+        protect_model(self)  # --overwrite may not replace a folder that holds this model
+        self._nonfinite: set[str] = set()  # tensors already reported as holding NaN/Inf
         self.file_of = self._map_files()
 
     @classmethod
@@ -404,6 +411,7 @@ class LazyModel:
         else:
             stored = self._bin(file)[name]
             tensor = (stored if rows is None else stored[rows[0] : rows[1]]).clone()
+        self._warn_if_nonfinite(name, tensor)
         if str(device) != "cpu":
             tensor = tensor.to(device)
         if dtype is not None and tensor.dtype != dtype:
@@ -417,7 +425,15 @@ class LazyModel:
             tensor = self._read_stored(name, file, first_row=index)
         else:
             tensor = self._bin(file)[name][index].clone()
+        self._warn_if_nonfinite(name, tensor)
         return tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
+
+    def _warn_if_nonfinite(self, name: str, tensor: torch.Tensor) -> None:
+        """An input with NaN or Inf is reported once, by name: the merge may carry them into the output."""
+        count = nonfinite_count(tensor)
+        if count and name not in self._nonfinite:
+            self._nonfinite.add(name)
+            log.warning("model %r: input tensor %r holds %d NaN or Inf values", self.label, name, count)
 
     def close(self) -> None:
         """Close the open shard files (they are also closed when the process ends)."""

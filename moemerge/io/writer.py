@@ -111,7 +111,7 @@ class ShardedWriter:
         total = data_start + sum(spec.nbytes for spec in shard)
         path = self.folder / file_name
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)  # umask applies, as for any file
             self._files.append((file_name, fd))
             self._reserve(fd, total, path)
             os.pwrite(fd, len(header).to_bytes(8, "little") + header, 0)

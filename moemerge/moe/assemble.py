@@ -40,6 +40,7 @@ class MoeOptions:
     progress: bool = True
     max_memory: int | None = None  # executor budget for tensors in flight (None: its default)
     workers: int | None = None
+    allow_nonfinite: bool = False  # write NaN/Inf (or float16 overflow) with a warning instead of failing
 
 
 def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
@@ -134,6 +135,7 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
             description="assembling",
             max_memory=options.max_memory,
             workers=options.workers,
+            allow_nonfinite=options.allow_nonfinite,
         )
         write_config(folder, config, out_dtype=dtype)
         write_tokenizer(
