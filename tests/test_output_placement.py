@@ -212,3 +212,14 @@ def test_outputs_get_plain_mkdir_permissions(umask, folder_mode, file_mode, toy_
     assert stat.S_IMODE(out.stat().st_mode) == folder_mode
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
     assert modes and all(mode == file_mode for mode in modes.values()), modes
+
+
+def test_any_full_disk_in_the_staged_folder_is_one_error(tmp_path):
+    """Writers other than ours (a tokenizer's save_pretrained) may fill the disk: still one line, nothing left."""
+    import errno
+
+    target = tmp_path / "out"
+    with pytest.raises(OutputError, match="disk full while writing tokenizer.json of .*out"):
+        with staged_output(target, overwrite=False) as staging:
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "tokenizer.json"))
+    assert not target.exists() and leftovers(target) == []

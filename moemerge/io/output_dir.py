@@ -301,7 +301,15 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
         except OSError as error:
             raise OutputError(f"cannot create output beside {target}: {error.strerror or error}") from None
         try:
-            yield staging
+            try:
+                yield staging
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = Path(error.filename or staging).name  # a file of the staged output, e.g. tokenizer.json
+                raise OutputError(
+                    f"disk full while writing {where} of {target}: free space or choose another output"
+                ) from None
             _kill_point("staged")
             interrupts.holding = True
             _check_state(target, overwrite)  # again: the target may have changed during a long run
