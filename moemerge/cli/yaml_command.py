@@ -22,11 +22,12 @@ from moemerge.cli.options import (
     verbose_option,
     workers_option,
 )
-from moemerge.config.merge_recipe import load_merge_recipe
+from moemerge.config.stages import load_stages
 from moemerge.io.loader import ModelPool
 from moemerge.io.output_dir import check_target
 from moemerge.merge import RunOptions, describe_plan, run_merge
 from moemerge.plan.dense_plan import plan_merge
+from moemerge.stages import describe_stages, run_stages
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +48,13 @@ from moemerge.plan.dense_plan import plan_merge
     help="ray: write the output shards as Ray tasks (pip install 'moemerge[ray]').",
 )
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
+@click.option(
+    "--intermediate-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Multi-stage recipes: where intermediate merges go (default: a hidden folder beside OUT).",
+)
+@click.option("--keep-intermediates", is_flag=True, help="Multi-stage recipes: keep the intermediate merges.")
 @trust_remote_code_option
 @overwrite_option
 @allow_nonfinite_option
@@ -75,6 +83,8 @@ def main(
     allow_crimes: bool,
     executor: str,
     ray_address: str | None,
+    intermediate_dir: Path | None,
+    keep_intermediates: bool,
     trust_remote_code: bool,
     overwrite: bool,
     allow_nonfinite: bool,
@@ -84,16 +94,11 @@ def main(
     cuda: bool,
     mergekit_noop: bool,
 ) -> None:
-    """Merge the models of a YAML recipe (mergekit format) into OUT."""
-    recipe, recipe_text = load_merge_recipe(config_path)
+    """Merge the models of a YAML recipe (mergekit format; several `---` documents: a multi-stage recipe) into OUT."""
+    stages, recipe_text = load_stages(config_path)
     if not dry_run:
         check_target(out, overwrite)
     device = resolve_device("cuda" if cuda else device)
-    pool = ModelPool()
-    plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
-    if dry_run:
-        click.echo(describe_plan(plan))
-        return
     options = RunOptions(
         device=device,
         random_seed=random_seed,
@@ -107,6 +112,21 @@ def main(
         executor=executor,
         ray_address=ray_address,
     )
+    if len(stages) > 1:
+        if dry_run:
+            click.echo(describe_stages(stages, out, options, intermediate_dir))
+            return
+        stage_options = {"keep_intermediates": keep_intermediates, "allow_crimes": allow_crimes}
+        run_stages(stages, recipe_text, out, options, intermediate_dir=intermediate_dir, **stage_options)
+        if not quiet:
+            click.echo(f"wrote {out}")
+        return
+    recipe = stages[0].recipe
+    pool = ModelPool()
+    plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        return
     run_merge(plan, recipe, recipe_text, pool, out, options)
     if not quiet:
         click.echo(f"wrote {out}")
