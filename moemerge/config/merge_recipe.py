@@ -234,7 +234,12 @@ def load_merge_recipe(path: Path) -> tuple[MergeRecipe, str]:
     documents, text = read_yaml_documents(path)
     if len(documents) > 1:
         raise ConfigError(f"{Path(path).name}: {len(documents)} YAML documents: a multi-stage recipe, run it whole")
-    recipe = parse_merge_recipe(documents[0], Path(path).name)
+    return single_recipe(documents[0], Path(path).name), text
+
+
+def single_recipe(data: dict[str, Any], where: str) -> MergeRecipe:
+    """The recipe of a single-document file (where `name:` names nothing, as in mergekit-yaml)."""
+    recipe = parse_merge_recipe(data, where)
     if recipe.name is not None:
         log.warning("name: ignored (%r names a stage only in a multi-document recipe)", recipe.name)
-    return recipe, text
+    return recipe

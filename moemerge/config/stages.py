@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moemerge.config.merge_recipe import MergeRecipe, load_merge_recipe, parse_merge_recipe, read_yaml_documents
+from moemerge.config.merge_recipe import MergeRecipe, parse_merge_recipe, read_yaml_documents, single_recipe
 from moemerge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def load_stages(path: Path) -> tuple[list[Stage], str]:
     """
     documents, text = read_yaml_documents(path)
     if len(documents) == 1:
-        recipe, _ = load_merge_recipe(path)
+        recipe = single_recipe(documents[0], Path(path).name)  # the file is read once: it may be a pipe
         document = {key: value for key, value in documents[0].items() if key != "name"}
         return [Stage(None, document, recipe, ())], text
     stages: dict[str | None, Stage] = {}
