@@ -1,8 +1,15 @@
-"""One table of tensor-name knowledge per architecture: which tensor plays which role.
+"""One table of architecture knowledge, as data: layer stacks, model-level tensors, MLP and MoE layouts.
 
-Dense merges use it to find layers; MoE assembly uses it to place expert MLPs and routers;
-expert extraction uses it to read them back. Everything here is data, looked up by
-`config.json`'s `model_type`.
+Dense merges use it to find and renumber layers; MoE assembly to place expert MLPs and routers;
+expert extraction to read them back and to know which router rule and which layers are sparse.
+Entries are looked up by `config.json`'s `model_type`. Adding a family is one entry here plus a
+test; the families follow what transformers' `save_pretrained` writes (and mergekit 0.1.5's
+architecture definitions for families transformers only runs as remote code).
+
+Names are templates: `{layer}` a layer index inside a stack, `{expert}` an expert index. A stack
+lists alternative prefixes where checkpoints of one family spell it differently (e.g. Llava's
+`language_model.model.layers.N.` vs transformers 5's `model.language_model.layers.N.`), and its
+layer count may sit under a nested config key (`text_config.num_hidden_layers`).
 """
 
 from __future__ import annotations
@@ -35,6 +42,28 @@ class Role(str, Enum):
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A stack of numbered layers: name prefixes with `{layer}`, and the config key(s) holding its depth.
+
+    The first count key present in a config is read; all present are written. `offset` is the index of
+    layer 0 in tensor names (Phi-1's `layers.0` is the embedding)."""
+
+    prefixes: tuple[str, ...]
+    count_keys: tuple[str, ...] = ("num_hidden_layers",)
+    name: str = "decoder"
+    offset: int = 0
+
+    @property
+    def patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(_prefix_regex(prefix) for prefix in self.prefixes)
+
+
+def _prefix_regex(prefix: str) -> re.Pattern[str]:
+    body = re.escape(prefix).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\*", ".*?")
+    return re.compile("^" + body + r"(?P<suffix>.+)$")
+
+
+@dataclass(frozen=True)
 class DenseMlp:
     """Suffixes (after the layer prefix) of a dense SwiGLU MLP."""
 
@@ -42,44 +71,128 @@ class DenseMlp:
     up: str = "mlp.up_proj.weight"
     down: str = "mlp.down_proj.weight"
 
+    def parts(self) -> tuple[str, str, str]:
+        return (self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """All experts of a layer in one tensor per projection (leading dimension: expert).
+
+    orientation "out_in": gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I] (transformers 5 in memory);
+    "in_out_interleaved": gate_up [E, H, 2I] with gate and up columns alternating, down [E, I, H] (GPT-OSS).
+    `extra` are further per-expert tensors sliced with them (biases)."""
+
+    gate_up: str = "mlp.experts.gate_up_proj"
+    down: str = "mlp.experts.down_proj"
+    orientation: str = "out_in"
+    extra: tuple[str, ...] = ()
+
 
 @dataclass(frozen=True)
 class MoeLayout:
-    """How a sparse MoE block names its router and experts on disk (as save_pretrained writes them)."""
+    """How a sparse MoE block names its router and experts on disk, how it routes, and which layers are sparse."""
 
     router: str  # e.g. "block_sparse_moe.gate.weight"
-    expert_gate: str  # template with {expert}, e.g. "block_sparse_moe.experts.{expert}.w1.weight"
-    expert_up: str
-    expert_down: str
-    expert_count_key: str  # config key holding the number of experts
+    expert_gate: str | None  # template with {expert}; None where experts are only stored fused
+    expert_up: str | None
+    expert_down: str | None
+    expert_count_key: str  # config key holding the number of routed experts
     experts_per_token_key: str
     expert_intermediate_key: str  # config key holding one expert's intermediate size
+    router_kind: str = "softmax_topk"  # a moemerge.moe.routing kind
+    router_bias: str | None = None  # added to the logits (GPT-OSS)
+    correction_bias: str | None = None  # added to the scores for choosing only (DeepSeek-V3)
+    fused: tuple[FusedExperts, ...] = (FusedExperts(),)  # fused layouts this family may be stored in
     shared_expert: DenseMlp | None = None
-    shared_expert_gate: str | None = None
-    shared_intermediate_key: str | None = None
+    shared_expert_gate: str | None = None  # sigmoid gate on the shared expert (Qwen2-MoE)
+    shared_intermediate_key: str | None = None  # config key of the shared expert's width...
+    shared_count_key: str | None = None  # ...or of the number of expert-sized shared experts (DeepSeek)
+    # Config keys choosing the dense (non-MoE) layers.
+    first_dense_key: str | None = None  # first_k_dense_replace
+    dense_layers_key: str | None = None  # mlp_only_layers
+    sparse_step_key: str | None = None  # decoder_sparse_step
     # The dense architecture one expert becomes; None where transformers has no dense twin with the same layer
-    # structure (OLMoE is pre-norm, OLMo2 post-norm: an OLMoE expert cannot be written as an OLMo2 model).
+    # structure (OLMoE is pre-norm, OLMo2 post-norm; DeepSeek's attention is MLA, no dense class has it).
     dense_model_type: str | None = "mistral"
+
+    def expert_templates(self) -> tuple[str, str, str] | None:
+        if self.expert_gate is None or self.expert_up is None or self.expert_down is None:
+            return None
+        return (self.expert_gate, self.expert_up, self.expert_down)
+
+    def is_sparse(self, config: dict, layer: int) -> bool:
+        """Whether a layer has experts, by this family's config keys."""
+        config = text_config(config)
+        if self.first_dense_key and layer < int(config.get(self.first_dense_key) or 0):
+            return False
+        if self.dense_layers_key and layer in (config.get(self.dense_layers_key) or []):
+            return False
+        step = int(config.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
+        return (layer + 1) % step == 0
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]
-    layer_prefix: str = "model.layers.{layer}."
-    layer_count_key: str = "num_hidden_layers"
+    stacks: tuple[Stack, ...] = (Stack(("model.layers.{layer}.",)),)
     embeddings: tuple[str, ...] = ("model.embed_tokens.weight",)
     final_norm: tuple[str, ...] = ("model.norm.weight",)
     lm_head: tuple[str, ...] = ("lm_head.weight",)
+    tied: tuple[tuple[str, str], ...] = (("lm_head.weight", "model.embed_tokens.weight"),)  # (name, stands in)
+    optional: tuple[str, ...] = ()  # model-level names some checkpoints of the family lack
     dense_mlp: DenseMlp | None = DenseMlp()
     moe: MoeLayout | None = None
+    model_class: str | None = None  # transformers class name for config["architectures"]
+    # Config keys listing decoder layer indices (e.g. which layers are MoE): a frankenmerge renumbers them.
+    layer_index_keys: tuple[str, ...] = ("mlp_only_layers", "moe_layers")
+
+    @property
+    def decoder(self) -> Stack:
+        """The stack slices, passthrough and MoE work on (the text decoder)."""
+        return self.stacks[0]
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.decoder.prefixes[0]
+
+    @property
+    def layer_count_key(self) -> str:
+        return self.decoder.count_keys[0]
 
     def tied_names(self, name: str) -> tuple[str, ...]:
         """Where a model that ties `name` to another tensor keeps it (lm_head -> embeddings): mergekit's tied_names."""
-        return self.embeddings if name in self.lm_head else ()
+        return tuple(stand_in for tied, stand_in in self.tied if tied == name)
 
     def layer_name(self, layer: int, suffix: str) -> str:
-        return self.layer_prefix.format(layer=layer) + suffix
+        return self.layer_prefix.format(layer=layer + self.decoder.offset) + suffix
+
+    def _match(self, name: str, stack: Stack) -> re.Match[str] | None:
+        if name in self.embeddings or name in self.final_norm or name in self.lm_head:
+            return None
+        return next((match for pattern in stack.patterns if (match := pattern.match(name))), None)
+
+    def layer_of(self, name: str) -> int | None:
+        """Decoder layer of a tensor name; None for model-level tensors and other stacks (e.g. vision)."""
+        match = self._match(name, self.decoder)
+        return int(match["layer"]) - self.decoder.offset if match else None
+
+    def with_layer(self, name: str, layer: int) -> str:
+        """The same tensor name in another decoder layer (used to renumber stacked slices)."""
+        match = self._match(name, self.decoder)
+        if not match:
+            raise ValueError(f"{name} is not a per-layer tensor of the {self.name} decoder")
+        start, end = match.span("layer")
+        return f"{name[:start]}{layer + self.decoder.offset}{name[end:]}"
+
+    def suffix_of(self, name: str) -> str | None:
+        match = self._match(name, self.decoder)
+        return match["suffix"] if match else None
+
+    def stack_of(self, name: str) -> str | None:
+        """Name of the stack a per-layer tensor belongs to, or None."""
+        return next((stack.name for stack in self.stacks if self._match(name, stack)), None)
 
     def role_of(self, name: str) -> Role:
         """Role of a tensor name in this architecture."""
@@ -89,10 +202,12 @@ class Architecture:
             return Role.LM_HEAD
         if name in self.final_norm:
             return Role.FINAL_NORM
-        match = LAYER_PATTERN.match(name)
-        if not match:
-            return Role.OTHER
-        return _layer_role(self, match["suffix"])
+        suffix = self.suffix_of(name)
+        return Role.OTHER if suffix is None else _layer_role(self, suffix)
+
+
+ATTENTION_PREFIXES = ("self_attn.", "attn.", "attention.", "self_attention.", "linear_attn.", "mixer.")
+MLP_PREFIXES = ("mlp.", "block_sparse_moe.", "feed_forward.", "ffn.", "shared_mlp.")
 
 
 def _expert_regex(template: str) -> re.Pattern[str]:
@@ -100,24 +215,101 @@ def _expert_regex(template: str) -> re.Pattern[str]:
 
 
 def _layer_role(arch: Architecture, suffix: str) -> Role:
-    if suffix.startswith("self_attn."):
+    if suffix.startswith(ATTENTION_PREFIXES):
         return Role.ATTENTION
     moe = arch.moe
     if moe is not None:
-        if suffix == moe.router:
+        if suffix in (moe.router, moe.router_bias, moe.correction_bias):
             return Role.ROUTER
         if suffix == moe.shared_expert_gate:
             return Role.SHARED_EXPERT_GATE
-        if moe.shared_expert and suffix in (moe.shared_expert.gate, moe.shared_expert.up, moe.shared_expert.down):
+        if moe.shared_expert and suffix in moe.shared_expert.parts():
             return Role.SHARED_EXPERT
-        for template in (moe.expert_gate, moe.expert_up, moe.expert_down):
+        for template in moe.expert_templates() or ():
             if _expert_regex(template).match(suffix):
                 return Role.EXPERT
-    if "norm" in suffix:
+        for fused in moe.fused:
+            if suffix in (fused.gate_up, fused.down, *fused.extra):
+                return Role.EXPERT
+    if "norm" in suffix or suffix.startswith("ln"):
         return Role.NORM
-    if suffix.startswith(("mlp.", "block_sparse_moe.")):
+    if suffix.startswith(MLP_PREFIXES):
         return Role.MLP
     return Role.OTHER
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compact constructors for the table
+
+
+def _decoder(name: str, *types: str, **fields) -> Architecture:
+    """A `model.layers.N.` decoder (Llama layout) unless fields say otherwise."""
+    return Architecture(name, types or (name,), **fields)
+
+
+def _gpt(name: str, *types: str, root: str = "transformer", count: str = "n_layer", **fields) -> Architecture:
+    """GPT-2-style naming: `transformer.h.N.`, `transformer.wte`, `transformer.ln_f`."""
+    fields.setdefault("embeddings", (f"{root}.wte.weight", f"{root}.wpe.weight"))
+    fields.setdefault("final_norm", (f"{root}.ln_f.weight", f"{root}.ln_f.bias"))
+    fields.setdefault("tied", (("lm_head.weight", f"{root}.wte.weight"),))
+    fields.setdefault("dense_mlp", None)
+    return Architecture(name, types or (name,), stacks=(Stack((f"{root}.h.{{layer}}.",), (count,)),), **fields)
+
+
+def _biased_norm(prefix: str = "model.norm") -> tuple[str, ...]:
+    return (f"{prefix}.weight", f"{prefix}.bias")
+
+
+def _vision_language(
+    name: str,
+    *types: str,
+    text: tuple[str, ...],
+    vision: tuple[str, ...],
+    vision_count: tuple[str, ...] = ("vision_config.num_hidden_layers",),
+    text_count: tuple[str, ...] = ("text_config.num_hidden_layers",),
+    text_roots: tuple[str, ...] = ("language_model.model", "model.language_model"),
+    head_roots: tuple[str, ...] = ("language_model.lm_head", "lm_head"),
+    **fields,
+) -> Architecture:
+    """A vision tower beside a text decoder: slices and layer counts follow the text stack only."""
+    embeddings = tuple(f"{root}.embed_tokens.weight" for root in text_roots)
+    heads = tuple(f"{root}.weight" for root in head_roots)
+    return Architecture(
+        name,
+        types or (name,),
+        stacks=(Stack(text, text_count), Stack(vision, vision_count, name="vision")),
+        embeddings=embeddings,
+        final_norm=tuple(f"{root}.norm.weight" for root in text_roots),
+        lm_head=heads,
+        tied=tuple((head, embedding) for head in heads for embedding in embeddings),
+        **fields,
+    )
+
+
+def _encoder(
+    name: str,
+    *types: str,
+    roots: tuple[str, ...],
+    stack: str = "encoder.layer.{layer}.",
+    count_keys: tuple[str, ...] = ("num_hidden_layers",),
+) -> Architecture:
+    """BERT-style encoders, bare (`encoder.layer.N.`) or under a task head (`bert.encoder.layer.N.`)."""
+    prefixes = tuple(f"{root}.{stack}" if root else stack for root in roots)
+    embeddings = tuple(
+        f"{root + '.' if root else ''}embeddings.{part}.weight"
+        for root in roots
+        for part in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    )
+    return Architecture(
+        name,
+        types or (name,),
+        stacks=(Stack(prefixes, count_keys),),
+        embeddings=embeddings,
+        final_norm=(),
+        lm_head=(),
+        tied=(),
+        dense_mlp=None,
+    )
 
 
 MIXTRAL_MOE = MoeLayout(
@@ -128,19 +320,28 @@ MIXTRAL_MOE = MoeLayout(
     expert_count_key="num_local_experts",
     experts_per_token_key="num_experts_per_tok",
     expert_intermediate_key="intermediate_size",
+    # transformers 5 renames the block to `mlp` in memory: a state_dict() checkpoint is fused under `mlp.experts.`
+    fused=(
+        FusedExperts("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        FusedExperts(),
+    ),
     dense_model_type="mistral",
 )
 
+QWEN_EXPERTS = dict(
+    router="mlp.gate.weight",
+    expert_gate="mlp.experts.{expert}.gate_proj.weight",
+    expert_up="mlp.experts.{expert}.up_proj.weight",
+    expert_down="mlp.experts.{expert}.down_proj.weight",
+    experts_per_token_key="num_experts_per_tok",
+    expert_intermediate_key="moe_intermediate_size",
+)
 
-def _qwen_style_moe(dense_model_type: str | None, shared: bool = False) -> MoeLayout:
+
+def _qwen_moe(dense_model_type: str | None, shared: bool = False) -> MoeLayout:
     return MoeLayout(
-        router="mlp.gate.weight",
-        expert_gate="mlp.experts.{expert}.gate_proj.weight",
-        expert_up="mlp.experts.{expert}.up_proj.weight",
-        expert_down="mlp.experts.{expert}.down_proj.weight",
+        **QWEN_EXPERTS,
         expert_count_key="num_experts",
-        experts_per_token_key="num_experts_per_tok",
-        expert_intermediate_key="moe_intermediate_size",
         shared_expert=DenseMlp(
             "mlp.shared_expert.gate_proj.weight",
             "mlp.shared_expert.up_proj.weight",
@@ -150,28 +351,225 @@ def _qwen_style_moe(dense_model_type: str | None, shared: bool = False) -> MoeLa
         else None,
         shared_expert_gate="mlp.shared_expert_gate.weight" if shared else None,
         shared_intermediate_key="shared_expert_intermediate_size" if shared else None,
+        dense_layers_key="mlp_only_layers",
+        sparse_step_key="decoder_sparse_step",
         dense_model_type=dense_model_type,
     )
 
 
-ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama",)),
-    Architecture("mistral", ("mistral",)),
-    Architecture("qwen2", ("qwen2",)),
-    Architecture("qwen3", ("qwen3",)),
-    Architecture("gemma", ("gemma", "gemma2")),  # tied embeddings: lm_head usually absent
-    Architecture(
-        "phi3",
-        ("phi3",),
-        dense_mlp=None,  # fused gate_up_proj: not usable as an MoE expert source
+def _deepseek_moe(router_kind: str, expert_count_key: str) -> MoeLayout:
+    """DeepSeek-V2/V3 and GLM-4-MoE: n_shared_experts expert-sized shared experts as one MLP, first k layers dense."""
+    return MoeLayout(
+        **QWEN_EXPERTS,
+        expert_count_key=expert_count_key,
+        router_kind=router_kind,
+        correction_bias="mlp.gate.e_score_correction_bias" if router_kind == "sigmoid_group" else None,
+        shared_expert=DenseMlp(
+            "mlp.shared_experts.gate_proj.weight",
+            "mlp.shared_experts.up_proj.weight",
+            "mlp.shared_experts.down_proj.weight",
+        ),
+        shared_count_key="n_shared_experts",
+        first_dense_key="first_k_dense_replace",
+        dense_model_type=None,
+    )
+
+
+GPT_OSS_MOE = MoeLayout(
+    router="mlp.router.weight",
+    router_bias="mlp.router.bias",
+    router_kind="topk_softmax",
+    expert_gate=None,
+    expert_up=None,
+    expert_down=None,
+    expert_count_key="num_local_experts",
+    experts_per_token_key="num_experts_per_tok",
+    expert_intermediate_key="intermediate_size",
+    fused=(
+        FusedExperts(
+            orientation="in_out_interleaved",
+            extra=("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias"),
+        ),
     ),
-    Architecture("mixtral", ("mixtral",), dense_mlp=None, moe=MIXTRAL_MOE),
-    Architecture("qwen2_moe", ("qwen2_moe",), dense_mlp=None, moe=_qwen_style_moe("qwen2", shared=True)),
-    Architecture("qwen3_moe", ("qwen3_moe",), dense_mlp=None, moe=_qwen_style_moe("qwen3")),
-    Architecture("olmoe", ("olmoe",), dense_mlp=None, moe=_qwen_style_moe(None)),
+    dense_model_type=None,  # clamped SwiGLU with biases: no dense twin
 )
 
-UNKNOWN = Architecture("unknown", (), dense_mlp=None)
+ARCHITECTURES: tuple[Architecture, ...] = (
+    # Llama-layout decoders: model.layers.N., model.embed_tokens, model.norm, lm_head (tied where the config says)
+    _decoder("llama", "llama", "solar", "baichuan", "afmoe", "_afmoe_partial", model_class="LlamaForCausalLM"),
+    _decoder("mistral", model_class="MistralForCausalLM"),
+    _decoder("qwen2", model_class="Qwen2ForCausalLM"),
+    _decoder("qwen3", model_class="Qwen3ForCausalLM"),
+    _decoder("gemma", "gemma", "gemma2", "gemma3_text"),
+    _decoder("cohere", "cohere", "cohere2"),
+    _decoder("granite", "granite"),
+    _decoder("olmo2", "olmo2", "olmo", "olmo3"),
+    _decoder("apertus", "apertus", "arcee", "exaone4", "glm", "glm4", "helium", "smollm3", "ministral"),
+    _decoder("phi3", "phi3", "phi3small", dense_mlp=None),  # fused gate_up_proj: not usable as an MoE expert
+    _decoder("stablelm", "stablelm", "stablelm_epoch", final_norm=_biased_norm(), dense_mlp=None),
+    _decoder("starcoder2", final_norm=_biased_norm(), dense_mlp=None),
+    _decoder("phi", final_norm=_biased_norm("model.final_layernorm"), lm_head=("lm_head.weight", "lm_head.bias")),
+    _decoder("lfm2", final_norm=("model.embedding_norm.weight",), dense_mlp=None),
+    _decoder("granitemoehybrid", dense_mlp=None),
+    _decoder(
+        "internlm2",
+        embeddings=("model.tok_embeddings.weight",),
+        lm_head=("output.weight",),
+        tied=(("output.weight", "model.tok_embeddings.weight"),),
+        dense_mlp=None,
+    ),
+    # GPT-2-style and other `transformer.` roots
+    _gpt("gpt2", "gpt2", "gpt_bigcode"),
+    _gpt("jais", optional=("transformer.wpe.weight", "transformer.relative_pe.slopes")),
+    _gpt("qwen", count="num_hidden_layers"),
+    _gpt("exaone", count="num_layers"),
+    _gpt("falcon", count="num_hidden_layers", embeddings=("transformer.word_embeddings.weight",)),
+    _gpt(
+        "phi-msft",
+        embeddings=("transformer.embd.wte.weight",),
+        final_norm=_biased_norm("lm_head.ln"),
+        lm_head=("lm_head.linear.weight", "lm_head.linear.bias"),
+        tied=(),
+    ),
+    Architecture(
+        "mixformer-sequential",
+        ("mixformer-sequential",),
+        stacks=(Stack(("layers.{layer}.",), ("n_layer",), offset=1),),  # layers.0 embeds, layers.{n+1} is the head
+        embeddings=("layers.0.wte.weight",),
+        final_norm=(),
+        lm_head=(),
+        tied=(),
+        dense_mlp=None,
+    ),
+    Architecture(
+        "gpt_neox",
+        ("gpt_neox",),
+        stacks=(Stack(("gpt_neox.layers.{layer}.",)),),
+        embeddings=("gpt_neox.embed_in.weight",),
+        final_norm=_biased_norm("gpt_neox.final_layer_norm"),
+        lm_head=("embed_out.weight",),
+        tied=(("embed_out.weight", "gpt_neox.embed_in.weight"),),
+        dense_mlp=None,
+    ),
+    Architecture(
+        "chatglm",
+        ("chatglm",),
+        stacks=(Stack(("transformer.encoder.layers.{layer}.",), ("num_layers", "num_hidden_layers")),),
+        embeddings=("transformer.embedding.word_embeddings.weight",),
+        final_norm=("transformer.encoder.final_layernorm.weight",),
+        lm_head=("transformer.output_layer.weight",),
+        tied=(),
+        optional=("transformer.rotary_pos_emb.inv_freq",),
+        dense_mlp=None,
+    ),
+    Architecture(
+        "mamba",
+        ("mamba",),
+        stacks=(Stack(("backbone.layers.{layer}.",)),),
+        embeddings=("backbone.embeddings.weight",),
+        final_norm=("backbone.norm_f.weight",),
+        tied=(("lm_head.weight", "backbone.embeddings.weight"),),
+        dense_mlp=None,
+    ),
+    # Encoders and encoder-decoders: the first stack is the one slices address
+    _encoder("bert", roots=("", "bert")),
+    _encoder("roberta", "roberta", "xlm-roberta", roots=("", "roberta")),
+    _encoder(
+        "distilbert",
+        roots=("", "distilbert"),
+        stack="transformer.layer.{layer}.",
+        count_keys=("n_layers", "num_hidden_layers"),
+    ),
+    Architecture(
+        "t5",
+        ("t5",),
+        stacks=(
+            Stack(("decoder.block.{layer}.",), ("num_decoder_layers",)),
+            Stack(("encoder.block.{layer}.",), ("num_layers",), name="encoder"),
+        ),
+        embeddings=("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+        final_norm=("decoder.final_layer_norm.weight", "encoder.final_layer_norm.weight"),
+        tied=(("lm_head.weight", "shared.weight"),),
+        dense_mlp=None,
+    ),
+    Architecture(
+        "whisper",
+        ("whisper",),
+        stacks=(
+            Stack(("model.decoder.layers.{layer}.",), ("decoder_layers",)),
+            Stack(("model.encoder.layers.{layer}.",), ("encoder_layers",), name="encoder"),
+        ),
+        embeddings=("model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"),
+        final_norm=_biased_norm("model.decoder.layer_norm"),
+        lm_head=("proj_out.weight",),
+        tied=(("proj_out.weight", "model.decoder.embed_tokens.weight"),),
+        dense_mlp=None,
+    ),
+    # Vision + text: the text decoder is the first stack
+    _vision_language(
+        "llava",
+        "llava",
+        "mistral3",
+        "gemma3",
+        "llava_next",
+        text=("language_model.model.layers.{layer}.", "model.language_model.layers.{layer}."),
+        vision=(
+            "vision_tower.vision_model.encoder.layers.{layer}.",
+            "vision_tower.encoder.layers.{layer}.",
+            "vision_tower.transformer.layers.{layer}.",
+            "model.vision_tower.vision_model.encoder.layers.{layer}.",
+            "model.vision_tower.encoder.layers.{layer}.",
+            "model.vision_tower.transformer.layers.{layer}.",
+        ),
+        dense_mlp=None,
+    ),
+    _vision_language(
+        "qwen2_vl",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+        text=("model.layers.{layer}.", "model.language_model.layers.{layer}."),
+        vision=("visual.blocks.{layer}.", "model.visual.blocks.{layer}."),
+        text_count=("text_config.num_hidden_layers", "num_hidden_layers"),
+        vision_count=("vision_config.depth",),
+        text_roots=("model", "model.language_model"),
+        head_roots=("lm_head",),
+        dense_mlp=None,
+    ),
+    _vision_language(
+        "llama4",
+        text=("language_model.model.layers.{layer}.", "model.language_model.layers.{layer}."),
+        vision=("vision_model.model.layers.{layer}.", "model.vision_model.model.layers.{layer}."),
+        dense_mlp=None,
+    ),
+    # Mixtures of experts
+    _decoder("mixtral", dense_mlp=None, moe=MIXTRAL_MOE, model_class="MixtralForCausalLM"),
+    _decoder("qwen2_moe", dense_mlp=None, moe=_qwen_moe("qwen2", shared=True), model_class="Qwen2MoeForCausalLM"),
+    _decoder("qwen3_moe", dense_mlp=None, moe=_qwen_moe("qwen3"), model_class="Qwen3MoeForCausalLM"),
+    _decoder("olmoe", dense_mlp=None, moe=_qwen_moe(None), model_class="OlmoeForCausalLM"),
+    _decoder(
+        "deepseek_v3",
+        dense_mlp=None,
+        moe=_deepseek_moe("sigmoid_group", "n_routed_experts"),
+        model_class="DeepseekV3ForCausalLM",
+    ),
+    _decoder(
+        "deepseek_v2",
+        dense_mlp=None,
+        moe=_deepseek_moe("softmax_group", "n_routed_experts"),
+        model_class="DeepseekV2ForCausalLM",
+    ),
+    _decoder(
+        "glm4_moe",
+        dense_mlp=None,
+        moe=_deepseek_moe("sigmoid_group", "n_routed_experts"),
+        model_class="Glm4MoeForCausalLM",
+    ),
+    _decoder("gpt_oss", dense_mlp=None, moe=GPT_OSS_MOE, model_class="GptOssForCausalLM"),
+)
+
+UNKNOWN = Architecture("unknown", (), stacks=(Stack(("*.layers.{layer}.",)),), dense_mlp=None)
 
 
 def find_architecture(model_type: str | None) -> Architecture | None:
@@ -179,6 +577,10 @@ def find_architecture(model_type: str | None) -> Architecture | None:
         if model_type in arch.model_types:
             return arch
     return None
+
+
+def supported_model_types() -> list[str]:
+    return [model_type for arch in ARCHITECTURES for model_type in arch.model_types]
 
 
 def architecture_for_config(config: dict, *, model_label: str = "model") -> Architecture:
@@ -201,47 +603,102 @@ def require_architecture(config: dict, *, model_label: str, need: str) -> Archit
     if arch is None:
         raise MoemergeError(
             f"{model_label}: architecture {config.get('model_type')!r} is not supported for {need}; "
-            f"supported: {', '.join(t for a in ARCHITECTURES for t in a.model_types)}"
+            f"supported: {', '.join(supported_model_types())}"
         )
     return arch
 
 
 def layer_of(name: str) -> int | None:
-    """Layer index of a per-layer tensor name, or None for embeddings, final norm, lm_head."""
+    """Layer index of a `.layers.N.` tensor name (any architecture), or None."""
     match = LAYER_PATTERN.match(name)
     return int(match["layer"]) if match else None
 
 
 def with_layer(name: str, layer: int) -> str:
-    """The same tensor name in another layer (used to renumber stacked slices)."""
+    """The same `.layers.N.` tensor name in another layer."""
     match = LAYER_PATTERN.match(name)
     if not match:
         raise ValueError(f"{name} is not a per-layer tensor")
     return f"{match['prefix']}{layer}.{match['suffix']}"
 
 
+def text_config(config: dict) -> dict:
+    """The part of a config.json describing the text decoder (`text_config` of vision-language models)."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) and "num_hidden_layers" not in config else config
+
+
+def _lookup(config: dict, dotted: str) -> tuple[dict, str] | None:
+    *parents, key = dotted.split(".")
+    section = config
+    for parent in parents:
+        section = section.get(parent)
+        if not isinstance(section, dict):
+            return None
+    return (section, key) if key in section else None
+
+
+def _raw_layer_count(config: dict, arch: Architecture, stack: Stack) -> tuple[str, object]:
+    for key in stack.count_keys:
+        found = _lookup(config, key)
+        if found is not None:
+            return key, found[0][found[1]]
+    # Older vision-language configs keep the text depth at the top level, newer ones under text_config.
+    bare = stack.count_keys[0].rsplit(".", 1)[-1]
+    nested = _lookup(config, f"text_config.{bare}")
+    if nested is not None and stack is arch.decoder:
+        return f"text_config.{bare}", nested[0][nested[1]]
+    raise MoemergeError(
+        f"config.json has no {' or '.join(map(repr, stack.count_keys))}: cannot tell how many layers the model has"
+    )
+
+
 def layer_count(
-    config: dict, arch: Architecture, tensor_names: Iterable[str] | None = None, *, label: str = "model"
+    config: dict,
+    arch: Architecture,
+    tensor_names: Iterable[str] | None = None,
+    *,
+    label: str = "model",
+    stack: Stack | None = None,
 ) -> int:
-    """The config's layer count, checked: a whole number, and (given the tensor names) no more than the weights hold.
+    """Depth of a stack (the decoder by default), checked: a whole number, and (given the tensor names) no more
+    than the weights hold.
 
     Checked before any loop runs over the layers: a config saying 1e9 layers must fail at once, not loop for hours.
     """
-    key = arch.layer_count_key
-    config_text = config.get("text_config") if key not in config else None
-    source = config_text if isinstance(config_text, dict) else config
-    if key not in source:
-        raise MoemergeError(f"config.json has no {key!r}: cannot tell how many layers the model has")
-    value = source[key]
+    stack = stack or arch.decoder
+    key, value = _raw_layer_count(config, arch, stack)
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not whole or value < 0:
         raise MoemergeError(f"{label}: config.json has {key} {value!r}, not a whole number of layers")
     count = int(value)
-    if tensor_names is not None:
-        present = {index for index in map(layer_of, tensor_names) if index is not None}
+    if tensor_names is not None and stack is arch.decoder:
+        present = {index for index in map(arch.layer_of, tensor_names) if index is not None}
         held = max(present) + 1 if present else 0
         if count > held:
             raise MoemergeError(
                 f"{label}: config.json has {key} {count}, but the weights hold tensors for {held} layers"
             )
     return count
+
+
+def layer_count_section(config: dict, arch: Architecture) -> dict:
+    """The config dict that holds the decoder's depth (where per-layer lists such as layer_types sit too)."""
+    for key in arch.decoder.count_keys:
+        found = _lookup(config, key)
+        if found is not None:
+            return found[0]
+    return text_config(config)
+
+
+def set_layer_count(config: dict, arch: Architecture, count: int) -> None:
+    """Write a new decoder depth under every count key the config has (in place)."""
+    written = False
+    for key in arch.decoder.count_keys:
+        found = _lookup(config, key)
+        if found is not None:
+            found[0][found[1]] = count
+            written = True
+    if not written:
+        section = text_config(config)
+        section[arch.decoder.count_keys[0].rsplit(".", 1)[-1]] = count

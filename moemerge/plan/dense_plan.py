@@ -6,13 +6,21 @@ Planning reads only configs and safetensors headers, never tensor data, so every
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from moemerge.architectures import Architecture, Role, architecture_for_config, layer_count, layer_of, with_layer
+from moemerge.architectures import (
+    Architecture,
+    Role,
+    architecture_for_config,
+    layer_count,
+    layer_count_section,
+    set_layer_count,
+)
 from moemerge.config.merge_recipe import MergeRecipe, OutputSlice, SliceSource
 from moemerge.errors import ConfigError, TensorError
 from moemerge.io.loader import LazyModel, ModelPool
@@ -67,7 +75,7 @@ class MergePlan:
 def _model_layers(model: LazyModel, arch: Architecture) -> int:
     if arch.name != "unknown":
         return layer_count(model.config, arch, model.names, label=f"model {model.label!r}")
-    layers = [index for index in map(layer_of, model.names) if index is not None]
+    layers = [index for index in map(arch.layer_of, model.names) if index is not None]
     if not layers:
         raise ConfigError(f"model {model.label!r}: unknown architecture and no '.layers.N.' tensors to merge by layer")
     return max(layers) + 1
@@ -199,7 +207,7 @@ class _Planner:
         """Tensors outside the layers: embeddings (from the first slice) and final norm/lm_head (from the last)."""
         pre, post = [], []
         for name in self.reference_model.names:
-            if layer_of(name) is not None:
+            if self.arch.layer_of(name) is not None:
                 continue
             role = self.arch.role_of(name)
             is_pre = role == Role.EMBEDDING or (role == Role.OTHER and ("embed" in name or "wte" in name))
@@ -234,21 +242,21 @@ class _Planner:
         length = end - start
         template_model = self.pool.get(template.model)
         for step in range(length):
-            layer_names = [n for n in template_model.names if layer_of(n) == start + step]
+            layer_names = [n for n in template_model.names if self.arch.layer_of(n) == start + step]
             if not layer_names:
                 raise TensorError(f"model {template.model!r} has no tensors for layer {start + step}")
             t = layer_position(step, length)
             for name in layer_names:
                 inputs = [
-                    (source, with_layer(name, source.layer_range[0] + step))
+                    (source, self.arch.with_layer(name, source.layer_range[0] + step))
                     for source in output_slice.sources
                     if source.model != base
                 ]
                 base_input = None
                 if base:
                     base_start = (base_source or first).layer_range[0]
-                    base_input = (base, with_layer(name, base_start + step))
-                self._add(with_layer(name, offset + step), inputs, base_input, output_slice, t=t)
+                    base_input = (base, self.arch.with_layer(name, base_start + step))
+                self._add(self.arch.with_layer(name, offset + step), inputs, base_input, output_slice, t=t)
             self.source_layers.append((template.model, start + step))
         return offset + length
 
@@ -352,21 +360,30 @@ class _Planner:
         return promoted
 
     def _output_config(self, total_layers: int) -> dict:
-        config = dict(self.reference_model.config)
+        config = copy.deepcopy(self.reference_model.config)
         old_layers = _model_layers(self.reference_model, self.arch)
         if [layer for _, layer in self.source_layers] == list(range(old_layers)):
             return config
-        config[self.arch.layer_count_key] = total_layers
-        for key, value in list(config.items()):
+        set_layer_count(config, self.arch, total_layers)
+        section = layer_count_section(config, self.arch)  # text_config for vision-language models
+        for key, value in list(section.items()):
             # per-layer settings (e.g. layer_types) follow the layers they describe, from the model they came from
             if isinstance(value, list) and len(value) == old_layers and key != "architectures":
-                config[key] = [self._per_layer_setting(key, model, layer) for model, layer in self.source_layers]
+                section[key] = [self._per_layer_setting(key, model, layer) for model, layer in self.source_layers]
+        for key in self.arch.layer_index_keys:
+            # lists of layer indices (mlp_only_layers, moe_layers) name the output layers whose source was listed
+            if isinstance(section.get(key), list):
+                section[key] = [
+                    index
+                    for index, (model, layer) in enumerate(self.source_layers)
+                    if layer in (layer_count_section(self.pool.get(model).config, self.arch).get(key) or [])
+                ]
         return config
 
     def _per_layer_setting(self, key: str, model: str, layer: int):
-        values = self.pool.get(model).config.get(key)
+        values = layer_count_section(self.pool.get(model).config, self.arch).get(key)
         if not isinstance(values, list) or layer >= len(values):
-            values = self.reference_model.config[key]
+            values = layer_count_section(self.reference_model.config, self.arch)[key]
         return values[layer]
 
 
