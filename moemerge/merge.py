@@ -212,6 +212,17 @@ def _vocabulary_lines(plan: MergePlan) -> list[str]:
     return [f"vocabulary: {len(vocabulary.vocab)} tokens in {vocabulary.size} rows; tensors mapped by token: {aligned}"]
 
 
+@dataclass(frozen=True)
+class DenseOutputs:
+    """The plan and options from which any process rebuilds the output tensors (what a Ray task receives)."""
+
+    plan: MergePlan
+    options: RunOptions
+
+    def __call__(self, pool: ModelPool) -> list[OutputTensor]:
+        return planned_outputs(self.plan, pool, self.options)
+
+
 def run_merge(
     plan: MergePlan, recipe: MergeRecipe, recipe_text: str, pool: ModelPool, out: Path, options: RunOptions
 ) -> Path:
@@ -220,7 +231,16 @@ def run_merge(
         if options.executor == "ray":
             from moemerge.distributed.ray_shards import write_shards_on_ray
 
-            write_shards_on_ray(folder, plan, options, [merge.spec for merge in plan.merges])
+            write_shards_on_ray(
+                folder,
+                DenseOutputs(plan, options),
+                [merge.spec for merge in plan.merges],
+                max_shard_bytes=options.out_shard_size,
+                ray_address=options.ray_address,
+                workers=options.workers,
+                max_memory=options.max_memory,
+                allow_nonfinite=options.allow_nonfinite,
+            )
         else:
             write_tensors(
                 folder,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytest_plugins = ("moe_fixtures",)
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -39,3 +40,24 @@ def test_ray_shards_equal_local_bytes(local_ray, toy_models, write_recipe, run_y
     assert digests(distributed) == shards
     assert not [path for path in distributed.iterdir() if path.name.startswith(".shard-")]
     assert local_ray.death_marker.exists()  # the worker did die once, and the retried shard is still byte-identical
+
+
+def test_ray_moe_equals_local_bytes(local_ray, moe_models, moe_recipe_file, run_moe, tmp_path):
+    """moemerge-moe --executor ray: routers computed by the driver, experts streamed by the shard tasks."""
+    recipe = moe_recipe_file(
+        {
+            "base_model": str(moe_models["mistral"]),
+            "gate_mode": "cheap_embed",
+            "experts": [
+                {"source_model": str(moe_models[name]), "positive_prompts": [f"{name} prompt"]}
+                for name in ("coder", "story")
+            ],
+        }
+    )
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert run_moe(recipe, local, "--out-shard-size", "50K", "--quiet").exit_code == 0
+    result = run_moe(recipe, distributed, "--out-shard-size", "50K", "--executor", "ray", "--quiet")
+    assert result.exit_code == 0, result.output
+    shards = digests(local)
+    assert len(shards) > 3
+    assert digests(distributed) == shards

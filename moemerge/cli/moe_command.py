@@ -11,9 +11,11 @@ from moemerge.cli.options import (
     copy_tokenizer_option,
     device_option,
     dry_run_option,
+    executor_option,
     max_memory_option,
     overwrite_option,
     quiet_option,
+    ray_address_option,
     resolve_device,
     seed_option,
     shard_size_option,
@@ -35,6 +37,8 @@ from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dty
 @shard_size_option
 @max_memory_option
 @workers_option
+@executor_option
+@ray_address_option
 @copy_tokenizer_option
 @trust_remote_code_option
 @overwrite_option
@@ -58,6 +62,8 @@ def main(
     out_shard_size: int,
     max_memory: int | None,
     workers: int | None,
+    executor: str,
+    ray_address: str | None,
     copy_tokenizer: bool,
     trust_remote_code: bool,
     overwrite: bool,
@@ -85,6 +91,8 @@ def main(
         progress=not quiet,
         max_memory=max_memory,
         workers=workers,
+        executor=executor,
+        ray_address=ray_address,
     )
     assemble_moe(recipe, recipe_data, out, options)
     if not quiet:

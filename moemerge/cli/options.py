@@ -70,6 +70,16 @@ workers_option = click.option(
 )
 
 
+executor_option = click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: write the output shards as Ray tasks (pip install 'moemerge[ray]').",
+)
+ray_address_option = click.option(
+    "--ray-address", default=None, help="With --executor ray: join this Ray cluster (default: start a local Ray)."
+)
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 copy_tokenizer_option = click.option(
     "--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy tokenizer files."

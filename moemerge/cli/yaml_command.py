@@ -11,9 +11,11 @@ from moemerge.cli.options import (
     copy_tokenizer_option,
     device_option,
     dry_run_option,
+    executor_option,
     max_memory_option,
     overwrite_option,
     quiet_option,
+    ray_address_option,
     resolve_device,
     seed_option,
     shard_size_option,
@@ -40,14 +42,8 @@ from moemerge.stages import describe_stages, run_stages
 @workers_option
 @copy_tokenizer_option
 @click.option("--allow-crimes", is_flag=True, help="Skip inputs whose tensor shapes do not match instead of failing.")
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="ray: write the output shards as Ray tasks (pip install 'moemerge[ray]').",
-)
-@click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
+@executor_option
+@ray_address_option
 @click.option(
     "--intermediate-dir",
     type=click.Path(path_type=Path),

@@ -1,8 +1,9 @@
 """Write a planned dense merge's output shards as Ray tasks: one task per shard, on any node of a cluster.
 
 The driver plans, lays out the shards exactly as the local writer would (`assign_shards` in tensor order),
-and sends each task plain data: the plan, the run options and the names of the tensors in its shard.
-A task opens the models itself (same paths on every node: shared storage or the Hugging Face cache),
+and sends each task plain data: an output builder (the dense plan and run options, or the MoE recipe and its
+router tensors) from which any process rebuilds the output tensors, and the names of the tensors in its
+shard. A task opens the models itself (same paths on every node: shared storage or the Hugging Face cache),
 merges its tensors with the local executor into a private folder, and renames the finished shard into the
 staged output folder under its final name. A shard file appears there only once it is complete and
 fsynced, so a worker that dies mid-shard leaves nothing that looks finished, and Ray's retry rewrites it
@@ -19,12 +20,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moemerge.errors import MoemergeError
 from moemerge.io.writer import INDEX_NAME, TensorSpec, assign_shards
+
+if TYPE_CHECKING:
+    from moemerge.executor import OutputTensor
+    from moemerge.io.loader import ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +70,20 @@ def write_index(folder: Path, tasks: Sequence[ShardTask]) -> None:
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_one_shard(plan, options, task: ShardTask, staging: str) -> dict:
-    """Merge the tensors of one shard and move the finished shard file into `staging` (runs in a Ray worker)."""
+# builds a command's output tensors in any process from plain data (a picklable callable object, not a closure)
+OutputBuilder = Callable[["ModelPool"], list["OutputTensor"]]
+
+
+def write_one_shard(
+    build_outputs: OutputBuilder, task: ShardTask, staging: str, max_memory: int | None, allow_nonfinite: bool
+) -> dict:
+    """Compute the tensors of one shard and move the finished shard file into `staging` (runs in a Ray worker)."""
     from moemerge.executor import write_tensors
     from moemerge.io.loader import ModelPool
-    from moemerge.merge import planned_outputs
 
     started = time.monotonic()
-    pool = ModelPool()
     wanted = set(task.tensor_names)
-    outputs = [output for output in planned_outputs(plan, pool, options) if output.spec.name in wanted]
+    outputs = [output for output in build_outputs(ModelPool()) if output.spec.name in wanted]
     # the worker's own scratch folder beside the output (same file system: the final rename is atomic)
     scratch = Path(tempfile.mkdtemp(prefix=f".shard-{task.number:05d}-", dir=staging))
     try:
@@ -82,9 +92,9 @@ def write_one_shard(plan, options, task: ShardTask, staging: str) -> dict:
             outputs,
             max_shard_bytes=task.nbytes + 1,
             progress=False,
-            max_memory=options.max_memory,
-            workers=options.workers,
-            allow_nonfinite=options.allow_nonfinite,
+            max_memory=max_memory,
+            workers=1,  # one thread per tensor, as locally; Ray spreads the shards over the cores
+            allow_nonfinite=allow_nonfinite,
         )
         written = scratch / "model-00001-of-00001.safetensors"
         _test_death(task)
@@ -116,15 +126,23 @@ def start_ray(address: str | None, num_cpus: int | None = None):
     return ray
 
 
-def write_shards_on_ray(folder: Path, plan, options, specs: Sequence[TensorSpec]) -> int:
+def write_shards_on_ray(
+    folder: Path,
+    build_outputs: OutputBuilder,
+    specs: Sequence[TensorSpec],
+    *,
+    max_shard_bytes: int,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    max_memory: int | None = None,
+    allow_nonfinite: bool = False,
+) -> int:
     """Write every planned shard into `folder` as Ray tasks, then the index; returns bytes written."""
-    ray = start_ray(options.ray_address, options.workers)
-    tasks = shard_tasks(specs, options.out_shard_size)
-    # each task runs the local executor with one thread per tensor; Ray spreads the shards over the cores
-    task_options = replace(options, workers=1, progress=False)
+    ray = start_ray(ray_address, workers)
+    tasks = shard_tasks(specs, max_shard_bytes)
     remote = ray.remote(num_cpus=1, max_retries=SHARD_RETRIES)(write_one_shard)
-    plan_ref = ray.put(plan)
-    pending = {remote.remote(plan_ref, task_options, task, str(folder)): task for task in tasks}
+    builder = ray.put(build_outputs)
+    pending = {remote.remote(builder, task, str(folder), max_memory, allow_nonfinite): task for task in tasks}
     done_bytes = 0
     try:
         while pending:

@@ -41,6 +41,8 @@ class MoeOptions:
     max_memory: int | None = None  # executor budget for tensors in flight (None: its default)
     workers: int | None = None
     allow_nonfinite: bool = False  # write NaN/Inf (or float16 overflow) with a warning instead of failing
+    executor: str = "local"  # local | ray: output shards as Ray tasks (moemerge.distributed.ray_shards)
+    ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
 
 
 def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
@@ -101,6 +103,31 @@ def _producer(tensor: PlannedTensor, gates: Gates):
     return lambda: tensor.model.read(tensor.source_name, dtype=torch.float32) * tensor.scale
 
 
+def output_tensors(planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype) -> list[OutputTensor]:
+    """Each planned tensor with how to produce it (read an expert, scale it, or take a router row)."""
+    return [
+        OutputTensor(
+            TensorSpec(t.name, t.shape, dtype),
+            _producer(t, gates),
+            sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
+        )
+        for t in planned
+    ]
+
+
+@dataclass(frozen=True)
+class MoeOutputs:
+    """The recipe and the computed routers, from which any process rebuilds the output tensors (for Ray tasks)."""
+
+    recipe: MoeRecipe
+    gates: Gates
+    dtype: torch.dtype
+
+    def __call__(self, pool: ModelPool) -> list[OutputTensor]:
+        _, planned, _ = prepare(self.recipe, pool)  # configs and headers only: cheap, and the same in every process
+        return output_tensors(planned, self.gates, self.dtype)
+
+
 def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions) -> Path:
     """Build the MoE into `out` (atomically: nothing is left there on error)."""
     check_target(out, options.overwrite)
@@ -115,28 +142,33 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         pool=options.hidden_pool,
         trust_remote_code=options.trust_remote_code,
     )
-    outputs = [
-        OutputTensor(
-            TensorSpec(t.name, t.shape, dtype),
-            _producer(t, gates),
-            sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
-        )
-        for t in planned
-    ]
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
     config = output_vocab_config(moe_config(sources, recipe.experts_per_token), sources.base_arch, specs, vocabulary)
     with staged_output(out, options.overwrite) as folder:
-        shard_bytes, progress = options.max_shard_bytes, options.progress
-        write_tensors(
-            folder,
-            outputs,
-            max_shard_bytes=shard_bytes,
-            progress=progress,
-            description="assembling",
-            max_memory=options.max_memory,
-            workers=options.workers,
-            allow_nonfinite=options.allow_nonfinite,
-        )
+        if options.executor == "ray":
+            from moemerge.distributed.ray_shards import write_shards_on_ray
+
+            write_shards_on_ray(
+                folder,
+                MoeOutputs(recipe, gates, dtype),
+                specs,
+                max_shard_bytes=options.max_shard_bytes,
+                ray_address=options.ray_address,
+                workers=options.workers,
+                max_memory=options.max_memory,
+                allow_nonfinite=options.allow_nonfinite,
+            )
+        else:
+            write_tensors(
+                folder,
+                output_tensors(planned, gates, dtype),
+                max_shard_bytes=options.max_shard_bytes,
+                progress=options.progress,
+                description="assembling",
+                max_memory=options.max_memory,
+                workers=options.workers,
+                allow_nonfinite=options.allow_nonfinite,
+            )
         write_config(folder, config, out_dtype=dtype)
         write_tokenizer(
             folder,
