@@ -223,3 +223,19 @@ def test_any_full_disk_in_the_staged_folder_is_one_error(tmp_path):
         with staged_output(target, overwrite=False) as staging:
             raise OSError(errno.ENOSPC, "No space left on device", str(staging / "tokenizer.json"))
     assert not target.exists() and leftovers(target) == []
+
+
+def test_sigterm_while_planning_is_an_interrupt(toy_models, write_recipe, run_yaml, tmp_path, monkeypatch):
+    import moemerge.cli.yaml_command as yaml_command
+
+    real_plan = yaml_command.plan_merge
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(yaml_command, "plan_merge", terminated)
+    out = tmp_path / "out"
+    result = run_yaml(write_recipe(linear(toy_models["coder"])), out)
+    assert result.exit_code == 130 and "interrupted: no output was written" in result.stderr
+    assert not out.exists() and leftovers(out) == []

@@ -13,6 +13,7 @@ import click
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.io.output_dir import Interrupts
 from moemerge.io.writer import parse_size
 
 log = logging.getLogger("moemerge")
@@ -117,7 +118,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         verbose = bool(kwargs.get("verbose"))
         configure_logging(verbose, bool(kwargs.get("quiet")))
         try:
-            return command(*args, **kwargs)
+            with Interrupts():  # SIGTERM and SIGHUP stop a run as Ctrl-C does
+                return command(*args, **kwargs)
         except MoemergeError as error:
             if verbose:
                 traceback.print_exc()

@@ -255,7 +255,7 @@ def _place(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-class _Interrupts:
+class Interrupts:
     """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt, except while the output is being moved into place."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -265,7 +265,7 @@ class _Interrupts:
         self.held: int | None = None
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _Interrupts:
+    def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self.previous[number] = signal.signal(number, self._handle)
@@ -291,7 +291,7 @@ def staged_output(target: Path, overwrite: bool) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create output beside {target}: {error.strerror or error}") from None
-    with _locked(target), _Interrupts() as interrupts:
+    with _locked(target), Interrupts() as interrupts:
         _recover(target)
         _clean_stale(target)
         _check_state(target, overwrite)
