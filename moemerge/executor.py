@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from moemerge.errors import TensorError
 from moemerge.finite import nonfinite_count
-from moemerge.io.loader import LazyModel
+from moemerge.io.loader import LazyModel, ModelPool
 from moemerge.io.writer import ShardedWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,51 @@ def write_tensors(
         torch.set_num_threads(intra_op_threads)
         bar.close()
     return sum(output.spec.nbytes for output in outputs)
+
+
+def write_outputs(
+    folder: Path,
+    build_outputs: Callable[[ModelPool], list[OutputTensor]],
+    pool: ModelPool,
+    *,
+    max_shard_bytes: int,
+    executor: str = "local",
+    ray_address: str | None = None,
+    progress: bool = True,
+    description: str = "merging",
+    max_memory: int | None = None,
+    workers: int | None = None,
+    allow_nonfinite: bool = False,
+) -> int:
+    """Write a command's outputs here (`write_tensors`) or, with executor 'ray', as one Ray task per shard.
+
+    `build_outputs` is plain, picklable data that rebuilds the outputs from a model pool in any process.
+    """
+    outputs = build_outputs(pool)
+    if executor != "ray":
+        return write_tensors(
+            folder,
+            outputs,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            description=description,
+            max_memory=max_memory,
+            workers=workers,
+            allow_nonfinite=allow_nonfinite,
+        )
+    from moemerge.distributed.ray_shards import write_shards_on_ray
+
+    specs = list({output.spec.name: output.spec for output in outputs}.values())  # blocks of one tensor: one spec
+    return write_shards_on_ray(
+        folder,
+        build_outputs,
+        specs,
+        max_shard_bytes=max_shard_bytes,
+        ray_address=ray_address,
+        workers=workers,
+        max_memory=max_memory,
+        allow_nonfinite=allow_nonfinite,
+    )
 
 
 def _run_parallel(

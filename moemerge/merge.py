@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from moemerge.config.merge_recipe import MergeRecipe
-from moemerge.executor import OutputTensor, checked_output, write_tensors
+from moemerge.executor import OutputTensor, checked_output, write_outputs
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
@@ -228,30 +228,19 @@ def run_merge(
 ) -> Path:
     """Write the merged model folder at `out`, atomically."""
     with staged_output(out, options.overwrite) as folder:
-        if options.executor == "ray":
-            from moemerge.distributed.ray_shards import write_shards_on_ray
-
-            write_shards_on_ray(
-                folder,
-                DenseOutputs(plan, options),
-                [merge.spec for merge in plan.merges],
-                max_shard_bytes=options.out_shard_size,
-                ray_address=options.ray_address,
-                workers=options.workers,
-                max_memory=options.max_memory,
-                allow_nonfinite=options.allow_nonfinite,
-            )
-        else:
-            write_tensors(
-                folder,
-                planned_outputs(plan, pool, options),
-                max_shard_bytes=options.out_shard_size,
-                progress=options.progress,
-                description=f"{plan.method.name} merge",
-                max_memory=options.max_memory,
-                workers=options.workers,
-                allow_nonfinite=options.allow_nonfinite,
-            )
+        write_outputs(
+            folder,
+            DenseOutputs(plan, options),
+            pool,
+            max_shard_bytes=options.out_shard_size,
+            executor=options.executor,
+            ray_address=options.ray_address,
+            progress=options.progress,
+            description=f"{plan.method.name} merge",
+            max_memory=options.max_memory,
+            workers=options.workers,
+            allow_nonfinite=options.allow_nonfinite,
+        )
         reference_folder = pool.get(plan.reference).folder
         write_config(folder, plan.config, out_dtype=recipe.saved_dtype)
         write_generation_config(reference_folder, folder, plan.vocabulary)

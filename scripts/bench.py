@@ -234,8 +234,8 @@ def measure(command: list[str], env: dict | None = None, log: Path | None = None
     }
 
 
-def warm_up(inputs: list[Path]) -> None:
-    """Read every input file once so the measured run finds it in the page cache (a user's second merge)."""
+def read_inputs(inputs: list[Path]) -> None:
+    """Read every safetensors file of the input folders once (into the page cache)."""
     chunk = bytearray(16 * 2**20)
     for folder in inputs:
         for file in sorted(folder.glob("*.safetensors")):
@@ -247,12 +247,8 @@ def warm_up(inputs: list[Path]) -> None:
 def io_floor(inputs: list[Path], output_bytes: int, scratch: Path) -> float:
     """Seconds to read every input shard once and write (and fsync) an output of the same size."""
     started = time.perf_counter()
+    read_inputs(inputs)
     chunk = bytearray(16 * 2**20)
-    for folder in inputs:
-        for file in sorted(folder.glob("*.safetensors")):
-            with open(file, "rb", buffering=0) as handle:
-                while handle.readinto(chunk):
-                    pass
     scratch.parent.mkdir(parents=True, exist_ok=True)
     with open(scratch, "wb", buffering=0) as handle:
         written = 0
@@ -358,7 +354,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             cold = arguments.cache == "cold" and drop_caches()
             if arguments.cache == "warm":
-                warm_up(recipe_inputs(text))
+                read_inputs(recipe_inputs(text))  # a warm cache: the user's second merge
             command = tool_command(tool, kind, config, out, arguments.peer_venv, arguments.extra.split())
             log = BENCH / "logs" / f"{tool}-{name}-{arguments.layers}L{arguments.label}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +371,7 @@ def main() -> None:
             print(f"{name:16s} {tool:9s} {json.dumps(figures)}", flush=True)
         cold = arguments.cache == "cold" and drop_caches()
         if arguments.cache == "warm":
-            warm_up(recipe_inputs(text))
+            read_inputs(recipe_inputs(text))  # a warm cache: the user's second merge
         output_bytes = folder_bytes(outputs["moemerge"]) if outputs["moemerge"].is_dir() else 10**9
         row["io_floor_s"] = io_floor(recipe_inputs(text), output_bytes, BENCH / "out" / "floor.bin")
         row["io_floor_cache"] = "cold" if cold else "warm"

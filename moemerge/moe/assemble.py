@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
-from moemerge.executor import OutputTensor, write_tensors
+from moemerge.executor import OutputTensor, write_outputs
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
@@ -145,30 +145,19 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
     config = output_vocab_config(moe_config(sources, recipe.experts_per_token), sources.base_arch, specs, vocabulary)
     with staged_output(out, options.overwrite) as folder:
-        if options.executor == "ray":
-            from moemerge.distributed.ray_shards import write_shards_on_ray
-
-            write_shards_on_ray(
-                folder,
-                MoeOutputs(recipe, gates, dtype),
-                specs,
-                max_shard_bytes=options.max_shard_bytes,
-                ray_address=options.ray_address,
-                workers=options.workers,
-                max_memory=options.max_memory,
-                allow_nonfinite=options.allow_nonfinite,
-            )
-        else:
-            write_tensors(
-                folder,
-                output_tensors(planned, gates, dtype),
-                max_shard_bytes=options.max_shard_bytes,
-                progress=options.progress,
-                description="assembling",
-                max_memory=options.max_memory,
-                workers=options.workers,
-                allow_nonfinite=options.allow_nonfinite,
-            )
+        write_outputs(
+            folder,
+            MoeOutputs(recipe, gates, dtype),
+            pool,
+            max_shard_bytes=options.max_shard_bytes,
+            executor=options.executor,
+            ray_address=options.ray_address,
+            progress=options.progress,
+            description="assembling",
+            max_memory=options.max_memory,
+            workers=options.workers,
+            allow_nonfinite=options.allow_nonfinite,
+        )
         write_config(folder, config, out_dtype=dtype)
         write_tokenizer(
             folder,
