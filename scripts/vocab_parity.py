@@ -61,6 +61,14 @@ def recipes(models: dict[str, Path]) -> dict[str, dict]:
             "tokenizer_source": "union",
             "dtype": "float32",
         },
+        "passthrough_slices_union": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(models["chat"]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(models["tools"]), "layer_range": [2, 4]}]},
+            ],
+            "tokenizer_source": "union",
+        },
         "linear_tokens": {
             "merge_method": "linear",
             "base_model": str(models["base"]),

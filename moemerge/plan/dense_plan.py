@@ -207,16 +207,16 @@ class _Planner:
         """Tensors outside the layers: embeddings (from the first slice) and final norm/lm_head (from the last)."""
         pre, post = [], []
         for name in self.reference_model.names:
-            if self.arch.layer_of(name) is not None:
+            if self.arch.layer_of(name) is not None or name in self.arch.lm_head:
                 continue
             role = self.arch.role_of(name)
             is_pre = role == Role.EMBEDDING or (role == Role.OTHER and ("embed" in name or "wte" in name))
             (pre if is_pre else post).append(name)
-        # mergekit's optional lm_head: written when any input of the last slice stores one, even if the reference
-        # ties it; inputs that tie it give their embeddings
+        # mergekit's optional lm_head: written when an input of the last slice stores one (whether or not the reference
+        # does), else left to the tied embeddings; inputs that tie it give their embeddings
         last = [s.model for s in self.slices[-1].sources] + [self._base_of(self.slices[-1])]
         for name in self.arch.lm_head:
-            if name not in post and any(self.pool.get(model).has(name) for model in filter(None, last)):
+            if any(self.pool.get(model).has(name) for model in filter(None, last)):
                 post.append(name)
         return pre, post
 
