@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import read_tensors
 from lora_fixtures import edit_adapter_config, merged_with_peft
 
@@ -126,3 +127,29 @@ def test_adapter_in_bin_format_is_read_weights_only(lora_models, tmp_path):
     via_safetensors = LazyModel.open(f"{lora_models['base']}+{lora_models['plain']}")
     name = "model.layers.0.self_attn.v_proj.weight"
     torch.testing.assert_close(via_bin.read(name), via_safetensors.read(name))
+
+
+def test_moe_base_and_expert_as_base_plus_lora(toy_models, tmp_path):
+    from click.testing import CliRunner
+    from lora_fixtures import make_peft_adapter
+
+    from moemerge.cli.moe_command import main
+
+    base = toy_models["base"]
+    adapter = make_peft_adapter(base, tmp_path / "adapter", seed=5, target_modules=["q_proj", "down_proj"])
+    recipe = {
+        "base_model": f"{base}+{adapter}",
+        "gate_mode": "random",
+        "dtype": "float32",
+        "experts": [{"source_model": f"{base}+{adapter}"}, {"source_model": str(base)}],
+    }
+    (tmp_path / "moe.yml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, [str(tmp_path / "moe.yml"), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    merged, reference, original = read_tensors(tmp_path / "out"), merged_with_peft(base, adapter), read_tensors(base)
+    for layer in range(4):
+        attention = f"model.layers.{layer}.self_attn.q_proj.weight"
+        torch.testing.assert_close(merged[attention], reference[attention], rtol=1e-5, atol=1e-6)
+        down, expert = f"model.layers.{layer}.mlp.down_proj.weight", f"model.layers.{layer}.block_sparse_moe.experts"
+        torch.testing.assert_close(merged[f"{expert}.0.w2.weight"], reference[down], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged[f"{expert}.1.w2.weight"], original[down])
