@@ -153,3 +153,33 @@ def test_moe_base_and_expert_as_base_plus_lora(toy_models, tmp_path):
         down, expert = f"model.layers.{layer}.mlp.down_proj.weight", f"model.layers.{layer}.block_sparse_moe.experts"
         torch.testing.assert_close(merged[f"{expert}.0.w2.weight"], reference[down], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(merged[f"{expert}.1.w2.weight"], original[down])
+
+
+def test_hidden_gates_of_base_plus_lora_use_the_adapted_base(toy_models, tmp_path):
+    from click.testing import CliRunner
+    from lora_fixtures import make_peft_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moemerge.cli.moe_command import main
+
+    base = toy_models["base"]
+    adapter = make_peft_adapter(base, tmp_path / "adapter", seed=6, target_modules=["q_proj", "v_proj", "up_proj"])
+    folded = tmp_path / "folded"  # the same base with the adapter merged by peft, as a plain folder
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(folded)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(base / name, folded / name)
+    routers = []
+    for reference in (f"{base}+{adapter}", str(folded)):
+        experts = [
+            {"source_model": str(toy_models[n]), "positive_prompts": [p]}
+            for n, p in (("coder", "def add"), ("story", "Once upon"))
+        ]
+        recipe = {"base_model": reference, "gate_mode": "hidden", "dtype": "float32", "experts": experts}
+        (tmp_path / "moe.yml").write_text(yaml.safe_dump(recipe))
+        out = tmp_path / f"out{len(routers)}"
+        result = CliRunner().invoke(main, [str(tmp_path / "moe.yml"), str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        routers.append(read_tensors(out)["model.layers.2.block_sparse_moe.gate.weight"])
+    torch.testing.assert_close(routers[0], routers[1], rtol=1e-4, atol=1e-5)

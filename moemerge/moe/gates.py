@@ -62,7 +62,7 @@ def compute_gates(
     shared_from_prompts = bool(shared and shared[0][1].positive_prompts and prompt_mode)
     shared_gate = torch.zeros((layers, 1, hidden)) if shared else None
     if recipe.gate_mode == "hidden":
-        reader = HiddenStateReader(sources.base.folder, layers, device, trust_remote_code, pool)
+        reader = HiddenStateReader(sources.base.folder, layers, device, trust_remote_code, pool, base=sources.base)
         router = _hidden_rows(reader, experts)
         if shared_from_prompts:
             shared_gate = _hidden_rows(reader, shared)

@@ -36,13 +36,18 @@ def _tokenize(tokenizer, prompts: Sequence[str], what: str) -> dict[str, torch.T
 class HiddenStateReader:
     """The base model, loaded once with transformers, reading the hidden state that enters each layer."""
 
-    def __init__(self, folder: Path, layers: int, device: str, trust_remote_code: bool, pool: str):
+    def __init__(self, folder: Path, layers: int, device: str, trust_remote_code: bool, pool: str, base=None):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # moemerge shows its own progress
         self.tokenizer = load_tokenizer(folder, trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
+        adapter = getattr(base, "adapter", None)  # a `base+lora` reference: fold its adapter in
+        if adapter is not None:
+            result = self.model.load_state_dict({name: base.read(name) for name in adapter.changes}, strict=False)
+            if result.unexpected_keys:
+                raise ModelNotFoundError(f"base_model: cannot apply its LoRA to {result.unexpected_keys[0]!r}")
         self.model.to(device).eval()
         self.device = device
         self.layers = layers
