@@ -183,3 +183,18 @@ def test_hidden_gates_of_base_plus_lora_use_the_adapted_base(toy_models, tmp_pat
         assert result.exit_code == 0, result.output
         routers.append(read_tensors(out)["model.layers.2.block_sparse_moe.gate.weight"])
     torch.testing.assert_close(routers[0], routers[1], rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_delta_formula_plain_and_transposed():
+    from moemerge.lora.adapter import LowRankDelta
+
+    generator = torch.Generator().manual_seed(0)
+    lora_a, lora_b = torch.randn(3, 5, generator=generator), torch.randn(7, 3, generator=generator)
+    plain = LowRankDelta(lora_a, lora_b, scale=0.5, transposed=False)
+    base = torch.randn(7, 5, generator=generator)
+    torch.testing.assert_close(plain.apply(base, None), base + 0.5 * lora_b @ lora_a)
+    torch.testing.assert_close(plain.apply(base[2:4], (2, 4)), (base + 0.5 * lora_b @ lora_a)[2:4])
+    flipped = LowRankDelta(lora_a, lora_b, scale=2.0, transposed=True)  # fan_in_fan_out / embedding: (B·A)ᵀ
+    base_t = torch.randn(5, 7, generator=generator)
+    torch.testing.assert_close(flipped.apply(base_t, None), base_t + 2.0 * (lora_b @ lora_a).T)
+    torch.testing.assert_close(flipped.apply(base_t[1:3], (1, 3)), (base_t + 2.0 * (lora_b @ lora_a).T)[1:3])
