@@ -31,12 +31,18 @@ def test_experts_all_equal_to_base_give_base_logits(moe_models, moe_recipe_file,
         # routed experts at half strength + shared expert through a zero gate (sigmoid 0 = 0.5) = the base MLP
         recipe["experts"] = [expert_entry(base, residual_scale=0.5) for _ in range(3)]
         recipe["shared_experts"] = [expert_entry(base)]
+        recipe["norm_topk_prob"] = True  # Qwen2-MoE's default is false (as its checkpoints): ask for renormalising
     else:
         recipe["experts"] = [expert_entry(base) for _ in range(3)]
     out = tmp_path / "same"
     assemble(run_moe, moe_recipe_file, recipe, out)
     assert json.loads((out / "config.json").read_text())["model_type"] == architecture
     torch.testing.assert_close(moe_logits(out, INPUT_IDS), dense_logits(base, INPUT_IDS), rtol=1e-4, atol=1e-4)
+    if architecture == "qwen2_moe":  # without renormalising, the routed half no longer sums to the base MLP's half
+        recipe.pop("norm_topk_prob")
+        assemble(run_moe, moe_recipe_file, recipe, tmp_path / "unnormalised")
+        assert json.loads((tmp_path / "unnormalised" / "config.json").read_text())["norm_topk_prob"] is False
+        assert not torch.allclose(moe_logits(tmp_path / "unnormalised", INPUT_IDS), dense_logits(base, INPUT_IDS))
 
 
 def force_expert(model, expert: int) -> None:

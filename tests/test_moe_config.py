@@ -61,5 +61,19 @@ def test_qwen2_moe_has_shared_expert_size_and_biases():
     config = moe_config(sources_for("qwen2", "qwen2_moe", experts=2, shared_intermediate=96), experts_per_token=1)
     loaded = load(config)
     assert (loaded.num_experts, loaded.moe_intermediate_size, loaded.shared_expert_intermediate_size) == (2, 128, 96)
-    assert loaded.qkv_bias is True and loaded.norm_topk_prob is True
+    # Qwen2-MoE checkpoints do not renormalise (and llama.cpp never does): that is the default, with an option
+    assert loaded.qkv_bias is True and loaded.norm_topk_prob is False
     assert loaded.mlp_only_layers == [] and loaded.decoder_sparse_step == 1
+    sources = sources_for("qwen2", "qwen2_moe", experts=2, shared_intermediate=96)
+    assert load(moe_config(sources, experts_per_token=1, norm_topk_prob=True)).norm_topk_prob is True
+
+
+@pytest.mark.parametrize(("base", "target"), [("mistral", "mixtral"), ("qwen3", "qwen3_moe"), ("qwen2", "qwen2_moe")])
+def test_legacy_rope_keys_beside_rope_parameters_give_the_same_rope(base, target):
+    """transformers 4.x reads only rope_theta/rope_scaling: a config with only those must mean the same rope."""
+    shared = 96 if target == "qwen2_moe" else None
+    config = moe_config(sources_for(base, target, experts=2, shared_intermediate=shared, rope_theta=12345.0), 1)
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == pytest.approx(12345.0)
+    legacy_only = {key: value for key, value in config.items() if key != "rope_parameters"}
+    assert load(legacy_only).rope_parameters["rope_theta"] == pytest.approx(12345.0)
+    assert load(config).rope_parameters == load(legacy_only).rope_parameters

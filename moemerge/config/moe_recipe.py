@@ -45,6 +45,8 @@ class MoeRecipe(VocabularyKeys, Strict):
     gate_mode: GateMode = "hidden"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     experts_per_token: int = Field(default=2, ge=1)
+    # moemerge's: renormalise the top-k routing weights (Qwen MoEs' config key); unset, the family's default
+    norm_topk_prob: bool | None = None
     experts: list[ExpertEntry] = Field(min_length=1)
     shared_experts: list[ExpertEntry] = Field(default_factory=list)
 

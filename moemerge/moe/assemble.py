@@ -143,7 +143,9 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         trust_remote_code=options.trust_remote_code,
     )
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
-    config = output_vocab_config(moe_config(sources, recipe.experts_per_token), sources.base_arch, specs, vocabulary)
+    config = output_vocab_config(
+        moe_config(sources, recipe.experts_per_token, recipe.norm_topk_prob), sources.base_arch, specs, vocabulary
+    )
     with staged_output(out, options.overwrite) as folder:
         write_outputs(
             folder,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moemerge.architectures import with_legacy_rope_keys
 from moemerge.moe.sources import MoeSources
 
 MODEL_CLASSES = {
@@ -14,7 +15,7 @@ DROPPED_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_ve
 DROPPED_FOR_MIXTRAL = ("attention_bias", "mlp_bias", "pretraining_tp")
 
 
-def moe_config(sources: MoeSources, experts_per_token: int) -> dict:
+def moe_config(sources: MoeSources, experts_per_token: int, norm_topk_prob: bool | None = None) -> dict:
     """Base config with model_type/architectures changed and the expert counts and sizes set."""
     target = sources.target
     moe = target.moe
@@ -31,12 +32,13 @@ def moe_config(sources: MoeSources, experts_per_token: int) -> dict:
             config.pop(key, None)
         config.setdefault("sliding_window", None)
     else:
-        # Renormalise the top-k routing weights (Mixtral always does) and make every layer sparse.
-        config["norm_topk_prob"] = True
+        # Qwen2-MoE checkpoints do not renormalise the top-k weights (and llama.cpp never does): keep the
+        # family's default there; Qwen3-MoE checkpoints do renormalise. Every layer is sparse.
+        config["norm_topk_prob"] = norm_topk_prob if norm_topk_prob is not None else target.name != "qwen2_moe"
         config["decoder_sparse_step"] = 1
         config["mlp_only_layers"] = []
     if moe.shared_intermediate_key:
         config[moe.shared_intermediate_key] = sources.shared_intermediate
     if target.name == "qwen2_moe":
         config["qkv_bias"] = True  # Qwen2 attention always has q/k/v biases
-    return config
+    return with_legacy_rope_keys(config)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemerge.architectures import find_architecture, layer_of
+from moemerge.architectures import find_architecture, layer_of, with_legacy_rope_keys
 from moemerge.errors import MoemergeError
 from moemerge.executor import OutputTensor
 from moemerge.io.writer import TensorSpec
@@ -140,4 +140,4 @@ def dense_config(source: MoeSource, intermediate_size: int) -> dict:
     config["model_type"] = dense_type
     config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[dense_type]]
     config["intermediate_size"] = intermediate_size
-    return config
+    return with_legacy_rope_keys(config)
