@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.layerwise import equal_batches
 from moemerge.split.select import Selection, experts_to_keep, most_used, parse_select
-from moemerge.split.usage import RouterUsage, batches, calibration_chunks
+from moemerge.split.usage import RouterUsage, calibration_chunks
 
 
 def usage_of(counts: list[float], weight_sums: list[float], reap_sums: list[float], tokens: int) -> RouterUsage:
@@ -47,5 +48,5 @@ def test_ties_break_by_routing_weight_then_index():
 def test_calibration_chunks_and_batches():
     chunks = calibration_chunks(list(range(23)), seq_len=5, max_tokens=17)
     assert [len(c) for c in chunks] == [5, 5, 5, 2] and chunks[-1] == [15, 16]
-    shapes = [tuple(batch.shape) for batch in batches(chunks, batch_size=2)]
+    shapes = [tuple(batch.input_ids.shape) for batch in equal_batches(chunks, batch_size=2)]
     assert shapes == [(2, 5), (1, 5), (1, 2)]  # no padding: the short chunk runs alone

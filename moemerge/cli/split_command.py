@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import torch
 
 from moemerge.cli.options import (
     allow_nonfinite_option,
     device_option,
     dry_run_option,
+    max_memory_option,
     overwrite_option,
     quiet_option,
     resolve_device,
@@ -20,9 +22,10 @@ from moemerge.cli.options import (
     trust_remote_code_option,
     user_errors,
     verbose_option,
+    workers_option,
 )
 from moemerge.errors import MoemergeError
-from moemerge.executor import OutputTensor, write_tensors
+from moemerge.executor import OutputTensor, default_max_memory, write_tensors
 from moemerge.io.loader import LazyModel
 from moemerge.io.model_folder import (
     copy_generation_config,
@@ -83,6 +86,8 @@ class Output:
 @click.option("--max-tokens", type=click.IntRange(min=1), default=65536, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @device_option
+@max_memory_option
+@workers_option
 @shard_size_option
 @overwrite_option
 @allow_nonfinite_option
@@ -106,6 +111,8 @@ def main(
     max_tokens: int,
     batch_size: int,
     device: str,
+    max_memory: int | None,
+    workers: int | None,
     out_shard_size: int,
     overwrite: bool,
     allow_nonfinite: bool,
@@ -122,16 +129,19 @@ def main(
     text = read_calibration_text(calibration) if calibration is not None else None
     check_target(out, overwrite)
     device = resolve_device(device)
+    if workers is not None:
+        torch.set_num_threads(workers)  # the calibration pass's matrix products
     usage = None
     if text is not None:
         usage = collect_usage(
-            source.model.folder,
+            source.model,
             text,
             num_experts=source.num_experts,
             seq_len=seq_len,
             max_tokens=max_tokens,
             batch_size=batch_size,
             device=device,
+            max_memory=max_memory or default_max_memory(),
             trust_remote_code=trust_remote_code,
             progress=not quiet,
         )
@@ -155,6 +165,8 @@ def main(
                 out_shard_size,
                 quiet,
                 allow_nonfinite,
+                max_memory,
+                workers,
             )
     log.info("wrote %s", out)
 
@@ -314,6 +326,8 @@ def _write(
     shard_size: int,
     quiet: bool,
     allow_nonfinite: bool = False,
+    max_memory: int | None = None,
+    workers: int | None = None,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_tensors(
@@ -323,6 +337,8 @@ def _write(
         progress=not quiet,
         description="splitting",
         allow_nonfinite=allow_nonfinite,
+        max_memory=max_memory,
+        workers=workers,
     )
     write_config(folder, output.config, out_dtype=source.part_dtype(source.moe_layers[0]))
     copy_tokenizer(source.model.folder, folder)

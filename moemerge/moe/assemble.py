@@ -141,6 +141,8 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         seed=options.random_seed,
         pool=options.hidden_pool,
         trust_remote_code=options.trust_remote_code,
+        max_memory=options.max_memory,
+        progress=options.progress,
     )
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
     config = output_vocab_config(

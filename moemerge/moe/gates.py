@@ -21,12 +21,17 @@ class Gates:
 
 
 def _hidden_rows(reader: HiddenStateReader, entries: list[tuple[str, ExpertEntry]]) -> torch.Tensor:
+    """Every expert's prompt direction per layer, from one layer-by-layer pass over all their prompts."""
+    groups = []
+    for label, entry in entries:
+        groups.append((entry.positive_prompts, f"{label}.positive_prompts"))
+        if entry.negative_prompts:
+            groups.append((entry.negative_prompts, f"{label}.negative_prompts"))
+    means = iter(reader.mean_states_of(groups))
     rows = []
     for label, entry in entries:
-        positive = reader.mean_states(entry.positive_prompts, f"{label}.positive_prompts")
-        negative = None
-        if entry.negative_prompts:
-            negative = reader.mean_states(entry.negative_prompts, f"{label}.negative_prompts")
+        positive = next(means)
+        negative = next(means) if entry.negative_prompts else None
         rows.append(prompt_direction(positive, negative, label))
     return torch.stack(rows, dim=1)  # [layers, experts, hidden]
 
@@ -51,7 +56,16 @@ def _embedding_tensor(sources: MoeSources) -> torch.Tensor:
 
 
 def compute_gates(
-    recipe: MoeRecipe, sources: MoeSources, *, device: str, seed: int, pool: str, trust_remote_code: bool
+    recipe: MoeRecipe,
+    sources: MoeSources,
+    *,
+    device: str,
+    seed: int,
+    pool: str,
+    trust_remote_code: bool,
+    max_memory: int | None = None,
+    router_input: str = "layer",
+    progress: bool = False,
 ) -> Gates:
     """Router rows per gate_mode, plus the shared expert's gate: its prompt direction when it has positive prompts
     (in a prompt mode), otherwise zeros (sigmoid 0.5: the shared expert always adds half its output)."""
@@ -62,10 +76,21 @@ def compute_gates(
     shared_from_prompts = bool(shared and shared[0][1].positive_prompts and prompt_mode)
     shared_gate = torch.zeros((layers, 1, hidden)) if shared else None
     if recipe.gate_mode == "hidden":
-        reader = HiddenStateReader(sources.base.folder, layers, device, trust_remote_code, pool, base=sources.base)
-        router = _hidden_rows(reader, experts)
+        reader = HiddenStateReader(
+            sources.base.folder,
+            layers,
+            device,
+            trust_remote_code,
+            pool,
+            max_memory=max_memory,
+            router_input=router_input,
+            progress=progress,
+            base=sources.base,
+        )
+        rows = _hidden_rows(reader, experts + (shared if shared_from_prompts else []))
+        router = rows[:, : len(experts)].contiguous()
         if shared_from_prompts:
-            shared_gate = _hidden_rows(reader, shared)
+            shared_gate = rows[:, len(experts) :].contiguous()
         del reader
         gc.collect()
     elif recipe.gate_mode == "cheap_embed":

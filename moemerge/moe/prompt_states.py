@@ -1,4 +1,5 @@
-"""Turn prompts into mean vectors: the base model's hidden states (`hidden`) or its token embeddings (`cheap_embed`)."""
+"""Turn prompts into mean vectors: the base model's hidden states (`hidden`, run layer by layer) or its token
+embeddings (`cheap_embed`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import ConfigError, ModelNotFoundError
+from moemerge.io.loader import LazyModel
+from moemerge.layerwise import Batch, LayerwiseModel, mlp_module
 from moemerge.moe.router import pool_prompts
 
 BATCH_SIZE = 8
@@ -34,44 +37,78 @@ def _tokenize(tokenizer, prompts: Sequence[str], what: str) -> dict[str, torch.T
 
 
 class HiddenStateReader:
-    """The base model, loaded once with transformers, reading the hidden state that enters each layer."""
+    """The base model run layer by layer on prompts, reading per layer the state a router would see.
 
-    def __init__(self, folder: Path, layers: int, device: str, trust_remote_code: bool, pool: str, base=None):
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as transformers_logging
+    `router_input="layer"` (mergekit's definition) is the hidden state entering layer l; `"mlp"` is the state
+    entering layer l's MLP (after attention and its norm), which is what the MoE's router multiplies.
+    """
 
-        transformers_logging.disable_progress_bar()  # moemerge shows its own progress
+    def __init__(
+        self,
+        folder: Path,
+        layers: int,
+        device: str,
+        trust_remote_code: bool,
+        pool: str,
+        *,
+        max_memory: int | None = None,
+        router_input: str = "layer",
+        progress: bool = False,
+        base: LazyModel | None = None,
+    ):
         self.tokenizer = load_tokenizer(folder, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=trust_remote_code)
-        adapter = getattr(base, "adapter", None)  # a `base+lora` reference: fold its adapter in
-        if adapter is not None:
-            result = self.model.load_state_dict({name: base.read(name) for name in adapter.changes}, strict=False)
-            if result.unexpected_keys:
-                raise ModelNotFoundError(f"base_model: cannot apply its LoRA to {result.unexpected_keys[0]!r}")
-        self.model.to(device).eval()
-        self.device = device
+        # `base`: the already-open base model (a `base+lora` reference reads its tensors with the adapter folded in)
+        model = base if base is not None else LazyModel(Path(folder))
+        self.runner = LayerwiseModel(model, device=device, trust_remote_code=trust_remote_code)
         self.layers = layers
         self.pool = pool
+        self.max_memory = max_memory
+        self.router_input = router_input
+        self.progress = progress
+
+    def mean_states(self, prompts: Sequence[str], what: str) -> torch.Tensor:
+        """[layers, hidden]: per layer, the mean over prompts of the pooled state a router sees."""
+        return self.mean_states_of([(prompts, what)])[0]
 
     @torch.no_grad()
-    def mean_states(self, prompts: Sequence[str], what: str) -> torch.Tensor:
-        """[layers, hidden]: per layer, the mean over prompts of the pooled state entering that layer."""
-        total: torch.Tensor | None = None
-        for start in range(0, len(prompts), BATCH_SIZE):
-            batch = _tokenize(self.tokenizer, prompts[start : start + BATCH_SIZE], what)
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            output = self.model(**batch, output_hidden_states=True, use_cache=False)
-            # hidden_states[l] is the input of layer l (hidden_states[0] = embeddings)
-            pooled = torch.stack(
-                [
-                    pool_prompts(output.hidden_states[layer].float(), batch["attention_mask"], self.pool)
-                    for layer in range(self.layers)
-                ]
-            )  # [layers, batch, hidden]
-            summed = pooled.sum(dim=1).cpu()
-            total = summed if total is None else total + summed
-        assert total is not None
-        return total / len(prompts)
+    def mean_states_of(self, groups: Sequence[tuple[Sequence[str], str]]) -> list[torch.Tensor]:
+        """mean_states for several prompt lists in one pass over the layers."""
+        batches: list[Batch] = []
+        group_of: list[int] = []
+        for group, (prompts, what) in enumerate(groups):
+            for start in range(0, len(prompts), BATCH_SIZE):
+                tokens = _tokenize(self.tokenizer, prompts[start : start + BATCH_SIZE], what)
+                batches.append(Batch(tokens["input_ids"], tokens["attention_mask"]))
+                group_of.append(group)
+        hidden = int(self.runner.config.get_text_config().hidden_size)
+        totals = [torch.zeros(self.layers, hidden) for _ in groups]
+        current = {"batch": 0}
+
+        def add(layer: int, index: int, states: torch.Tensor) -> None:
+            if layer < self.layers:
+                pooled = pool_prompts(states.float(), batches[index].attention_mask.to(states.device), self.pool)
+                totals[group_of[index]][layer] += pooled.sum(dim=0).cpu()
+
+        def note_batch(layer: int, index: int, states: torch.Tensor) -> None:
+            current["batch"] = index
+            if self.router_input == "layer":
+                add(layer, index, states)
+
+        def hook_mlp(layer: int, module: torch.nn.Module):
+            if self.router_input != "mlp":
+                return None
+            mlp = mlp_module(module)
+            return mlp.register_forward_pre_hook(lambda _m, args: add(layer, current["batch"], args[0])).remove
+
+        self.runner.run(
+            batches,
+            max_memory=self.max_memory,
+            on_input=note_batch,
+            on_layer=hook_mlp,
+            progress=self.progress,
+            description="prompt states",
+        )
+        return [total / len(prompts) for total, (prompts, _) in zip(totals, groups, strict=True)]
 
 
 class EmbeddingReader:

@@ -1,4 +1,5 @@
-"""Calibration pass: run the MoE with transformers on text and record, per layer, how the router uses each expert.
+"""Calibration pass: run the MoE layer by layer (`moemerge.layerwise`) on text and record, per layer, how the
+router uses each expert.
 
 A forward hook on every router module (`mlp.gate` in transformers v5 Mixtral, Qwen2-MoE, Qwen3-MoE
 and OLMoE; it returns `(router_logits, top_k_weights, top_k_index)`) sees the router's input and
@@ -10,14 +11,14 @@ routing weights, and the sum of routing weight × ‖expert output‖ over the t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from moemerge.errors import MoemergeError
+from moemerge.io.loader import LazyModel
+from moemerge.layerwise import LayerwiseModel, equal_batches
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,6 @@ def tokenize_until(tokenizer, text: str, max_tokens: int, piece_chars: int = 200
     return token_ids[:max_tokens]
 
 
-def batches(chunks: list[list[int]], batch_size: int) -> Iterator[torch.Tensor]:
-    """Equal-length chunks batched together; a shorter last chunk goes alone (no padding to mask)."""
-    full = [chunk for chunk in chunks if len(chunk) == len(chunks[0])]
-    for start in range(0, len(full), batch_size):
-        yield torch.tensor(full[start : start + batch_size])
-    for chunk in chunks[len(full) :]:
-        yield torch.tensor([chunk])
-
-
 def _expert_output_norms(experts: torch.nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
     """‖down(act(gate·x) * up·x)‖ for each row of hidden, with v5's fused expert weights."""
     gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -138,14 +130,6 @@ class _RouterRecorder:
             usage.shared_gate_sums[layer] += torch.sigmoid(shared_gate(hidden).float()).double().sum().cpu()
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise MoemergeError(f"{type(model).__name__}: cannot find its decoder layers (model.model.layers)")
-    return layers
-
-
 def _moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
     """The layer's sparse MoE block: a module with a `gate` router and fused `experts`."""
     for name in ("mlp", "block_sparse_moe"):
@@ -156,7 +140,7 @@ def _moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def collect_usage(
-    model_folder: Path,
+    model: LazyModel | Path,
     text: str,
     *,
     num_experts: int,
@@ -164,45 +148,37 @@ def collect_usage(
     max_tokens: int = 65536,
     batch_size: int = 8,
     device: str = "cpu",
+    max_memory: int | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> RouterUsage:
-    """Tokenise the text with the model's tokenizer, run it through the MoE and return the router statistics."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
+    """Tokenise the text with the model's tokenizer, run it through the MoE layer by layer and return the router
+    statistics (memory: one layer plus the activations, which spill to a temporary file beyond `max_memory`)."""
+    from transformers import AutoTokenizer
 
-    if not progress:
-        transformers_logging.disable_progress_bar()
-
+    model = model if isinstance(model, LazyModel) else LazyModel(Path(model))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model.folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise MoemergeError(f"calibration needs the model's tokenizer, and {model_folder} has none ({error})") from None
+        raise MoemergeError(f"calibration needs the model's tokenizer, and {model.folder} has none ({error})") from None
     token_ids = tokenize_until(tokenizer, text, max_tokens)
     chunks = calibration_chunks(token_ids, seq_len, max_tokens)
     if not chunks:
         raise MoemergeError("the calibration text tokenises to no tokens")
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype="auto", trust_remote_code=trust_remote_code)
-    model.to(device).eval()
-    layers = _decoder_layers(model)
-    usage = RouterUsage.empty(len(layers), num_experts)
-    handles = []
-    for index, layer in enumerate(layers):
-        block = _moe_block(layer)
-        if block is not None:
-            usage.moe_layers.append(index)
-            handles.append(block.gate.register_forward_hook(_RouterRecorder(usage, index, block)))
-    if not handles:
-        raise MoemergeError(f"{type(model).__name__}: no router modules found to record")
-    total = sum(len(chunk) for chunk in chunks)
-    log.info("calibration: %d tokens in %d sequences of up to %d", total, len(chunks), seq_len)
-    try:
-        with torch.no_grad(), tqdm(total=total, desc="calibrating", unit="tok", disable=not progress) as bar:
-            for input_ids in batches(chunks, batch_size):
-                model(input_ids=input_ids.to(device), use_cache=False)
-                usage.tokens += input_ids.numel()
-                bar.update(input_ids.numel())
-    finally:
-        for handle in handles:
-            handle.remove()
+    runner = LayerwiseModel(model, device=device, trust_remote_code=trust_remote_code)
+    usage = RouterUsage.empty(runner.num_layers, num_experts)
+    batches = list(equal_batches(chunks, batch_size))
+    usage.tokens = sum(batch.tokens for batch in batches)
+
+    def record(layer: int, module: torch.nn.Module):
+        block = _moe_block(module)
+        if block is None:
+            return None
+        usage.moe_layers.append(layer)
+        return block.gate.register_forward_hook(_RouterRecorder(usage, layer, block)).remove
+
+    log.info("calibration: %d tokens in %d sequences of up to %d", usage.tokens, len(chunks), seq_len)
+    runner.run(batches, max_memory=max_memory, on_layer=record, progress=progress, description="calibrating")
+    if not usage.moe_layers:
+        raise MoemergeError(f"{model.label}: no router modules found to record")
     return usage
