@@ -11,6 +11,8 @@ budget and are spilled to a temporary file when not. No final norm or `lm_head` 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import tempfile
@@ -28,7 +30,9 @@ from moemerge.io.loader import LazyModel
 
 log = logging.getLogger(__name__)
 
-LayerHook = Callable[[int, torch.nn.Module], Callable[[], None] | None]  # (layer, module) → undo, called after
+# (layer, module, probe) → undo (called once the layer is done) or None; `probe()` runs every batch through the
+# loaded layer without keeping its outputs, so hooks can see the layer's inputs before its outputs are kept.
+LayerHook = Callable[[int, torch.nn.Module, Callable[[], None]], Callable[[], None] | None]
 
 
 class _StopForward(Exception):
@@ -121,6 +125,14 @@ class ActivationStore:
             self.fd = None
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so RSS follows the layer in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _module_path(root: torch.nn.Module, target: torch.nn.Module) -> str:
     for name, module in root.named_modules():
         if module is target:
@@ -135,6 +147,28 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
     if not isinstance(layers, torch.nn.ModuleList):
         raise MoemergeError(f"{type(model).__name__}: cannot find its decoder layers to run them one at a time")
     return inner, layers
+
+
+def _layer_step(
+    layer: int,
+    module: torch.nn.Module,
+    batches: Sequence[Batch],
+    store: ActivationStore,
+    on_input: Callable[[int, int, torch.Tensor], None] | None,
+    index: int,
+) -> torch.Tensor:
+    """Batch `index`'s stored input through the loaded layer, with the arguments the whole model would pass."""
+    states = store.get(index)
+    if on_input is not None:
+        on_input(layer, index, states)
+    args, kwargs = batches[index].layer_args[layer]
+    output = module(states, *args, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _probe(step: Callable[[int], torch.Tensor], count: int) -> None:
+    for index in range(count):
+        step(index)
 
 
 class LayerwiseModel:
@@ -186,23 +220,29 @@ class LayerwiseModel:
             return self._read(name)
         source = self._source()
         if source is not None:
-            if key.endswith("experts.gate_up_proj"):
-                return torch.stack(
-                    [
-                        torch.cat([source.expert_part(layer, e, "gate"), source.expert_part(layer, e, "up")])
-                        for e in range(source.num_experts)
-                    ]
-                ).to(self.dtype)
-            if key.endswith("experts.down_proj"):
-                return torch.stack([source.expert_part(layer, e, "down") for e in range(source.num_experts)]).to(
-                    self.dtype
-                )
+            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                return self._fused_experts(source, layer, "gate_up" if key.endswith("gate_up_proj") else "down")
             if key.endswith(".gate.weight") and source._router_name(layer) is not None:
                 return self._read(source.router_name(layer))
         renamed = f"{self.layers_path}.{layer}.{key.replace('mlp.', 'block_sparse_moe.', 1)}"
         if self.model.has(renamed):
             return self._read(renamed)
         raise TensorError(f"model {self.model.label!r}: no tensor for {name} (layer {layer}'s {key})")
+
+    def _fused_experts(self, source, layer: int, kind: str) -> torch.Tensor:
+        """transformers v5's fused [experts, 2I, H] gate_up (gate rows first) or [experts, H, I] down, filled one
+        expert part at a time (no second copy of the layer's experts)."""
+        parts = ("gate", "up") if kind == "gate_up" else ("down",)
+        first = [source.expert_part(layer, 0, part) for part in parts]
+        rows = sum(part.shape[0] for part in first)
+        fused = torch.empty((source.num_experts, rows, first[0].shape[1]), dtype=self.dtype)
+        for expert in range(source.num_experts):
+            start = 0
+            for index, part in enumerate(parts):
+                tensor = first[index] if expert == 0 else source.expert_part(layer, expert, part)
+                fused[expert, start : start + tensor.shape[0]] = tensor
+                start += tensor.shape[0]
+        return fused
 
     def layer_bytes(self, layer: int) -> int:
         """Bytes layer `layer` takes once materialised."""
@@ -216,6 +256,7 @@ class LayerwiseModel:
 
     def free_layer(self, layer: int) -> None:
         self.layers[layer].to_empty(device="meta")
+        _release_freed_memory()
 
     def _load_inner_parts(self) -> list[torch.nn.Module]:
         """Materialise every module of the inner model outside the layers that has weights (embeddings, norm)."""
@@ -266,11 +307,13 @@ class LayerwiseModel:
         spill_dir: Path | None = None,
         on_layer: LayerHook | None = None,
         on_input: Callable[[int, int, torch.Tensor], None] | None = None,
+        on_output: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
         description: str = "layers",
     ) -> None:
-        """Every batch through every layer. `on_input(layer, batch, states)` sees each layer's input;
-        `on_layer(layer, module)` runs once the layer is loaded (e.g. to add hooks) and returns an undo."""
+        """Every batch through every layer. `on_input(layer, batch, states)` sees each layer's input,
+        `on_output(batch, states)` the last layer's output; `on_layer(layer, module, probe)` runs once the layer
+        is loaded (to add hooks, or to change the layer after probing it) and returns an undo."""
         hidden = int(self.config.get_text_config().hidden_size)
         activation_bytes = sum(b.input_ids.numel() for b in batches) * hidden * self.dtype.itemsize
         largest_layer = max(self.layer_bytes(layer) for layer in range(self.num_layers))
@@ -290,16 +333,16 @@ class LayerwiseModel:
             with tqdm(total=self.num_layers, desc=description, unit="layer", disable=not progress) as bar:
                 for layer in range(self.num_layers):
                     module = self.load_layer(layer)
-                    undo = on_layer(layer, module) if on_layer is not None else None
+                    step = functools.partial(_layer_step, layer, module, batches, store, on_input)
+                    probe = functools.partial(_probe, step, len(batches))
+                    undo = on_layer(layer, module, probe) if on_layer is not None else None
                     try:
-                        for index, batch in enumerate(batches):
-                            states = store.get(index)
-                            if on_input is not None:
-                                on_input(layer, index, states)
-                            args, kwargs = batch.layer_args[layer]
-                            output = module(states, *args, **kwargs)
-                            store.put(index, output[0] if isinstance(output, tuple) else output)
-                            del states, output
+                        for index in range(len(batches)):
+                            output = step(index)
+                            if on_output is not None and layer == self.num_layers - 1:
+                                on_output(index, output)
+                            store.put(index, output)
+                            del output
                     finally:
                         if undo is not None:
                             undo()
@@ -311,6 +354,48 @@ class LayerwiseModel:
             store.close()
         elapsed = time.perf_counter() - started
         log.info("layer by layer: %d tokens × %d layers in %.1f s", tokens, self.num_layers, elapsed)
+
+
+@torch.no_grad()
+def token_losses(runner: LayerwiseModel, batches: Sequence[Batch], **run_options) -> list[torch.Tensor]:
+    """Per batch [batch, tokens - 1]: −log p(next token) under the model, run layer by layer (final norm and
+    lm_head, or the tied embeddings, applied to the last layer's output)."""
+    skeleton = runner.skeleton
+    norm = getattr(runner.inner, "norm", None)
+    head = skeleton.get_output_embeddings()
+    head_name = _module_path(skeleton, head) + ".weight"
+    if not runner.model.has(head_name):  # tied: the embedding matrix
+        head_name = f"{runner.inner_path}.embed_tokens.weight" if runner.inner_path else "embed_tokens.weight"
+    head_weight = runner._read(head_name).to(runner.device)
+    norm_state = {}
+    if norm is not None:
+        prefix = _module_path(skeleton, norm)
+        norm_state = {key: runner._read(f"{prefix}.{key}").to(runner.device) for key in norm.state_dict()}
+        norm.load_state_dict(norm_state, assign=True)
+    losses: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+
+    def score(index: int, states: torch.Tensor) -> None:
+        normed = norm(states) if norm is not None else states
+        logits = torch.nn.functional.linear(normed, head_weight).float()
+        targets = batches[index].input_ids.to(logits.device)[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+        losses[index] = nll.cpu()
+
+    try:
+        runner.run(batches, on_output=score, **run_options)
+    finally:
+        if norm is not None:
+            norm.to_empty(device="meta")
+    return losses
+
+
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer's sparse MoE block (transformers v5: a module with a `gate` router and fused `experts`)."""
+    for name in ("mlp", "block_sparse_moe"):
+        block = getattr(layer, name, None)
+        if block is not None and hasattr(block, "gate") and hasattr(block, "experts"):
+            return block
+    return None
 
 
 def mlp_module(layer: torch.nn.Module) -> torch.nn.Module:

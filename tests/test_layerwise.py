@@ -6,12 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moemerge.layerwise import ActivationStore, equal_batches, mlp_module
+from moemerge.layerwise import ActivationStore, equal_batches, mlp_module, moe_block
 from moemerge.moe.prompt_states import HiddenStateReader, _tokenize, load_tokenizer
 from moemerge.moe.router import pool_prompts
 from moemerge.split.usage import (
     RouterUsage,
-    _moe_block,
     _RouterRecorder,
     calibration_chunks,
     collect_usage,
@@ -30,7 +29,7 @@ def whole_model_usage(folder, text: str) -> RouterUsage:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
     usage = RouterUsage.empty(len(model.model.layers), 4)
     for index, layer in enumerate(model.model.layers):
-        block = _moe_block(layer)
+        block = moe_block(layer)
         if block is not None:
             usage.moe_layers.append(index)
             block.gate.register_forward_hook(_RouterRecorder(usage, index, block))

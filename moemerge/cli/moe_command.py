@@ -53,6 +53,22 @@ from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dty
     show_default=True,
     help="gate_mode hidden: use each prompt's last real token, or the mean over its real tokens.",
 )
+@click.option(
+    "--router-input",
+    type=click.Choice(["layer", "mlp"]),
+    default="layer",
+    show_default=True,
+    help="gate_mode hidden: the state entering each layer (mergekit), or the state entering its MLP, after "
+    "attention and its norm (what the router multiplies).",
+)
+@click.option(
+    "--fit-labels",
+    type=click.Choice(["source", "loss"]),
+    default="source",
+    show_default=True,
+    help="gate_mode fitted: route each calibration token to the expert whose text it is from, or to the expert "
+    "whose model predicts its next token best.",
+)
 @user_errors
 def main(
     config_path: Path,
@@ -72,6 +88,8 @@ def main(
     verbose: bool,
     quiet: bool,
     hidden_pool: str,
+    router_input: str,
+    fit_labels: str,
 ) -> None:
     """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT."""
     recipe, recipe_data = load_moe_recipe(config_path)
@@ -93,6 +111,8 @@ def main(
         workers=workers,
         executor=executor,
         ray_address=ray_address,
+        router_input=router_input,
+        fit_labels=fit_labels,
     )
     assemble_moe(recipe, recipe_data, out, options)
     if not quiet:

@@ -18,7 +18,7 @@ MOE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
-GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
+GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "fitted"]
 MoeArchitecture = Literal["mixtral", "qwen2_moe", "qwen3_moe"]
 PROMPT_GATE_MODES = ("hidden", "cheap_embed")
 
@@ -33,6 +33,7 @@ class ExpertEntry(Strict):
     source_model: str
     positive_prompts: list[str] = Field(default_factory=list)
     negative_prompts: list[str] = Field(default_factory=list)
+    calibration_files: list[str] = Field(default_factory=list)  # gate_mode fitted: plain-text files of this expert
     noise: float = Field(default=0.0, ge=0.0)  # std of seeded Gaussian noise added to this expert's router row
     residual_scale: float = 1.0  # multiplies the expert's down projection
 
@@ -58,7 +59,14 @@ class MoeRecipe(VocabularyKeys, Strict):
             )
         if len(self.shared_experts) > 1:
             raise ValueError(f"shared_experts: at most one shared expert is supported, got {len(self.shared_experts)}")
-        if self.gate_mode in PROMPT_GATE_MODES:
+        if self.gate_mode == "fitted":
+            for index, expert in enumerate(self.experts):
+                if not expert.positive_prompts and not expert.calibration_files:
+                    raise ValueError(
+                        f"experts[{index}]: gate_mode 'fitted' needs positive_prompts or calibration_files "
+                        f"({expert.source_model})"
+                    )
+        elif self.gate_mode in PROMPT_GATE_MODES:
             for index, expert in enumerate(self.experts):
                 if not expert.positive_prompts:
                     raise ValueError(

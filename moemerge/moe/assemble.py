@@ -15,6 +15,7 @@ from moemerge.io.model_folder import write_config, write_model_card, write_recip
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.writer import TensorSpec
 from moemerge.moe.config import moe_config
+from moemerge.moe.fitted import calibration_text, fit_routers
 from moemerge.moe.gates import Gates, compute_gates
 from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
 from moemerge.moe.sources import MoeSources, resolve_sources
@@ -43,6 +44,8 @@ class MoeOptions:
     allow_nonfinite: bool = False  # write NaN/Inf (or float16 overflow) with a warning instead of failing
     executor: str = "local"  # local | ray: output shards as Ray tasks (moemerge.distributed.ray_shards)
     ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
+    router_input: str = "layer"  # gate_mode hidden: the state entering the layer (mergekit) or its MLP ("mlp")
+    fit_labels: str = "source"  # gate_mode fitted: label tokens by their text's expert, or by the experts' loss
 
 
 def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
@@ -134,6 +137,9 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
     pool = ModelPool()
     sources, planned, vocabulary = prepare(recipe, pool)
     dtype = output_dtype(recipe, sources)
+    if recipe.gate_mode == "fitted":  # unreadable calibration files fail before any tensor is read
+        for source in sources.experts:
+            calibration_text(source.entry, source.label)
     gates = compute_gates(
         recipe,
         sources,
@@ -142,6 +148,7 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
         pool=options.hidden_pool,
         trust_remote_code=options.trust_remote_code,
         max_memory=options.max_memory,
+        router_input=options.router_input,
         progress=options.progress,
     )
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
@@ -175,6 +182,20 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
             copy=options.copy_tokenizer,
         )
         write_generation_config(sources.base.folder, folder, vocabulary)
+        if recipe.gate_mode == "fitted":
+            routers = {t.layer: t.name for t in planned if t.origin is Origin.ROUTER}
+            fit_routers(
+                folder,
+                routers,
+                sources.base.folder,
+                [(source.label, source.entry) for source in sources.experts],
+                [source.model.folder for source in sources.experts],
+                labels=options.fit_labels,
+                device=options.device,
+                max_memory=options.max_memory,
+                progress=options.progress,
+                seed=options.random_seed,
+            )
         recipe_text = write_recipe(folder, RECIPE_FILE, recipe_data)
         write_model_card(
             folder,

@@ -98,6 +98,8 @@ def compute_gates(
         router = _embedding_rows(reader, experts, layers)
         if shared_from_prompts:
             shared_gate = _embedding_rows(reader, shared, layers)
+    elif recipe.gate_mode == "fitted":
+        router = torch.zeros((layers, len(experts), hidden))  # fitted after assembly (moe/fitted.py)
     else:
         router = random_rows(layers, len(experts), hidden, seed, uniform=recipe.gate_mode == "uniform_random")
     if prompt_mode:

@@ -94,7 +94,7 @@ class HiddenStateReader:
             if self.router_input == "layer":
                 add(layer, index, states)
 
-        def hook_mlp(layer: int, module: torch.nn.Module):
+        def hook_mlp(layer: int, module: torch.nn.Module, _probe):
             if self.router_input != "mlp":
                 return None
             mlp = mlp_module(module)

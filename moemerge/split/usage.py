@@ -18,7 +18,7 @@ import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.io.loader import LazyModel
-from moemerge.layerwise import LayerwiseModel, equal_batches
+from moemerge.layerwise import LayerwiseModel, equal_batches, moe_block
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +130,6 @@ class _RouterRecorder:
             usage.shared_gate_sums[layer] += torch.sigmoid(shared_gate(hidden).float()).double().sum().cpu()
 
 
-def _moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The layer's sparse MoE block: a module with a `gate` router and fused `experts`."""
-    for name in ("mlp", "block_sparse_moe"):
-        block = getattr(layer, name, None)
-        if block is not None and hasattr(block, "gate") and hasattr(block, "experts"):
-            return block
-    return None
-
-
 def collect_usage(
     model: LazyModel | Path,
     text: str,
@@ -170,8 +161,8 @@ def collect_usage(
     batches = list(equal_batches(chunks, batch_size))
     usage.tokens = sum(batch.tokens for batch in batches)
 
-    def record(layer: int, module: torch.nn.Module):
-        block = _moe_block(module)
+    def record(layer: int, module: torch.nn.Module, _probe):
+        block = moe_block(module)
         if block is None:
             return None
         usage.moe_layers.append(layer)

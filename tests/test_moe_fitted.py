@@ -1,0 +1,113 @@
+"""gate_mode fitted: logistic-regression router rows, fitted layer by layer on the MoE being built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from moe_support import EXPERT_SEEDS, PROMPTS, expert_entry, mistral_recipe
+from split_fixtures import read_tensors, run_split
+from transformers import AutoModelForCausalLM
+
+from moemerge.config.moe_recipe import parse_moe_recipe
+from moemerge.errors import ConfigError
+from moemerge.layerwise import moe_block
+from moemerge.moe.fitted import batch_sequences, calibration_sequences
+from moemerge.moe.prompt_states import load_tokenizer
+from moemerge.moe.router import fit_router_rows
+
+pytest_plugins = ("moe_fixtures",)
+
+
+def test_rows_fitted_on_separable_data_route_it_correctly():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 3
+    labels = torch.randint(0, 3, (600,), generator=generator)
+    states = centres[labels] + torch.randn(600, 16, generator=generator)
+    rows, summary = fit_router_rows(states, labels, 3, groups=torch.arange(600) // 10)
+    assert rows.shape == (3, 16) and summary["held_out_accuracy"] > 0.97
+    fresh_labels = torch.randint(0, 3, (300,), generator=generator)
+    fresh = centres[fresh_labels] + torch.randn(300, 16, generator=generator)
+    assert ((fresh @ rows.T).argmax(dim=1) == fresh_labels).float().mean() > 0.97
+    # the L2 strength is chosen on held-out sequences: the strongest one fits separable data worse
+    by_l2 = summary["by_l2"]
+    assert by_l2[summary["l2"]]["nll"] == min(entry["nll"] for entry in by_l2.values())
+
+
+def test_fitted_recipes_need_calibration_text(tmp_path):
+    recipe = {"base_model": "b", "gate_mode": "fitted", "experts_per_token": 1, "experts": [{"source_model": "e"}]}
+    with pytest.raises(ConfigError, match=r"experts\[0\]: gate_mode 'fitted' needs positive_prompts or calib"):
+        parse_moe_recipe(recipe)
+    recipe["experts"][0]["calibration_files"] = [str(tmp_path / "code.txt")]
+    assert parse_moe_recipe(recipe).experts[0].calibration_files == [str(tmp_path / "code.txt")]
+
+
+def fitted_recipe(moe_models, tmp_path) -> dict:
+    names = list(EXPERT_SEEDS)
+    (tmp_path / "story.txt").write_text("Once upon a time the quick brown fox jumps over the lazy dog.\n" * 20)
+    experts = [expert_entry(moe_models[name], PROMPTS[name]) for name in names]
+    experts[2]["calibration_files"] = [str(tmp_path / "story.txt")]
+    return mistral_recipe(moe_models, gate_mode="fitted", experts=experts)
+
+
+@torch.no_grad()
+def whole_model_reference(folder, recipe: dict) -> dict[int, torch.Tensor]:
+    """The same fit with the whole MoE in memory: routers zeroed, then fitted in layer order."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(folder, False)
+    texts = [
+        list(e.get("positive_prompts", [])) + [open(f).read() for f in e.get("calibration_files", [])]
+        for e in recipe["experts"]
+    ]
+    batches, labels, groups = batch_sequences(calibration_sequences(tokenizer, texts))
+    flat_labels, flat_groups = torch.cat([t.reshape(-1) for t in labels]), torch.cat([g.reshape(-1) for g in groups])
+    blocks = [moe_block(layer) for layer in model.model.layers]
+    for block in blocks:
+        block.gate.weight.zero_()
+    rows = {}
+    for layer, block in enumerate(blocks):
+        states: list[torch.Tensor] = []
+        handle = block.register_forward_pre_hook(lambda _m, args: states.append(args[0].reshape(-1, 64)))
+        for batch in batches:
+            model(input_ids=batch.input_ids, use_cache=False)
+        handle.remove()
+        rows[layer], _ = fit_router_rows(torch.cat(states), flat_labels, 3, groups=flat_groups)
+        block.gate.weight.copy_(rows[layer])
+    return rows
+
+
+def test_layer_by_layer_fit_equals_the_whole_model_reference_and_splits_with_a_report(
+    moe_models, moe_recipe_file, run_moe, tmp_path
+):
+    recipe = fitted_recipe(moe_models, tmp_path)
+    out = tmp_path / "fitted-moe"
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet")
+    assert result.exit_code == 0, result.output
+    stored = read_tensors(out)
+    reference = whole_model_reference(out, recipe)
+    for layer, rows in reference.items():
+        written = stored[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        assert written.abs().sum() > 0
+        torch.testing.assert_close(written, rows, rtol=1e-3, atol=1e-3)
+    # the fitted router sends each expert's own prompts mostly to that expert in the last layer
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model(torch.tensor([[5, 17, 42]])).logits.isfinite().all()
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(p for prompts in PROMPTS.values() for p in prompts) * 4)
+    report = tmp_path / "usage.png"
+    split = run_split(out, tmp_path / "pruned", "--calibration", calibration, "--prune-to", 2, "--report", report)
+    assert split.exit_code == 0, split.output
+    usage = json.loads(report.with_suffix(".json").read_text())
+    assert len(usage["counts"]) == 4 and sum(usage["counts"][0]) == usage["tokens"] * 2
+    assert yaml.safe_load((out / "moemerge_moe_config.yml").read_text())["gate_mode"] == "fitted"
+
+
+def test_unreadable_calibration_file_fails_before_any_tensor_is_read(moe_models, moe_recipe_file, run_moe, tmp_path):
+    recipe = fitted_recipe(moe_models, tmp_path)
+    recipe["experts"][0]["calibration_files"] = [str(tmp_path / "missing.txt")]
+    result = run_moe(moe_recipe_file(recipe), tmp_path / "out")
+    assert result.exit_code == 1
+    assert "experts[0].calibration_files: cannot read" in result.output and not (tmp_path / "out").exists()
