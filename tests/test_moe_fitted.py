@@ -69,7 +69,7 @@ def whole_model_reference(folder, recipe: dict) -> dict[int, torch.Tensor]:
     rows = {}
     for layer, block in enumerate(blocks):
         states: list[torch.Tensor] = []
-        handle = block.register_forward_pre_hook(lambda _m, args: states.append(args[0].reshape(-1, 64)))
+        handle = block.register_forward_pre_hook(lambda _m, args, states=states: states.append(args[0].reshape(-1, 64)))
         for batch in batches:
             model(input_ids=batch.input_ids, use_cache=False)
         handle.remove()
