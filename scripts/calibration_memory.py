@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+DTYPE = torch.float32  # CPUs without bf16 matrix units run bf16 products many times slower than float32
 WORK = ROOT / ".bench" / "calibration"
 SHAPE = dict(
     hidden_size=768,
@@ -60,7 +62,7 @@ print(f"layer by layer: {tokens} tokens x {len(model.model.layers)} layers in {t
 
 
 def layer_tensors(layer: int, pool: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One Qwen3-MoE decoder layer in the per-expert on-disk layout save_pretrained writes, bf16.
+    """One Qwen3-MoE decoder layer in the per-expert on-disk layout save_pretrained writes, float32.
 
     Weights are windows at random offsets into one seeded pool of N(0, 0.02²) values: random enough for
     routing and timing, and cheap to generate on a busy machine."""
@@ -76,14 +78,14 @@ def layer_tensors(layer: int, pool: torch.Tensor, generator: torch.Generator) ->
         return pool[start : start + count].view(shape).clone()
 
     tensors = {
-        prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-        prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        prefix + "input_layernorm.weight": torch.ones(hidden, dtype=DTYPE),
+        prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=DTYPE),
         prefix + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
         prefix + "self_attn.k_proj.weight": rand(kv * head_dim, hidden),
         prefix + "self_attn.v_proj.weight": rand(kv * head_dim, hidden),
         prefix + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-        prefix + "self_attn.q_norm.weight": torch.ones(head_dim, dtype=torch.bfloat16),
-        prefix + "self_attn.k_norm.weight": torch.ones(head_dim, dtype=torch.bfloat16),
+        prefix + "self_attn.q_norm.weight": torch.ones(head_dim, dtype=DTYPE),
+        prefix + "self_attn.k_norm.weight": torch.ones(head_dim, dtype=DTYPE),
         prefix + "mlp.gate.weight": rand(experts, hidden) * 50,  # spread routing: some experts matter more
     }
     for expert in range(experts):
@@ -104,11 +106,11 @@ def generate(folder: Path, layers: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = toy_config("qwen3_moe", num_hidden_layers=layers, **SHAPE)
-    config.dtype = torch.bfloat16
+    config.dtype = DTYPE
     config.save_pretrained(folder)
     toy_tokenizer(SHAPE["vocab_size"]).save_pretrained(folder)
     generator = torch.Generator().manual_seed(0)
-    pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(torch.bfloat16)
+    pool = (torch.randn(1 << 22, generator=generator) * 0.02).to(DTYPE)
     weight_map: dict[str, str] = {}
     total = 0
     for layer in range(layers + 1):
@@ -117,9 +119,9 @@ def generate(folder: Path, layers: int) -> Path:
         else:
             vocab, hidden = SHAPE["vocab_size"], SHAPE["hidden_size"]
             tensors = {
-                "model.embed_tokens.weight": (torch.randn((vocab, hidden), generator=generator)).to(torch.bfloat16),
-                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                "lm_head.weight": (torch.randn((vocab, hidden), generator=generator) * 0.02).to(torch.bfloat16),
+                "model.embed_tokens.weight": (torch.randn((vocab, hidden), generator=generator)).to(DTYPE),
+                "model.norm.weight": torch.ones(hidden, dtype=DTYPE),
+                "lm_head.weight": (torch.randn((vocab, hidden), generator=generator) * 0.02).to(DTYPE),
             }
         name = f"model-{layer:05d}-of-{layers + 1:05d}.safetensors"
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
@@ -144,8 +146,9 @@ def timed(command: list[str]) -> dict:
     """Run a child under GNU time: wall seconds, peak RSS (MB) and the calibration pass's own timing line."""
     rss_file = WORK / "rss.txt"
     started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the machine is shared
     result = subprocess.run(
-        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *command], capture_output=True, text=True, cwd=ROOT
+        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *command], capture_output=True, text=True, cwd=ROOT, env=env
     )
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -166,8 +169,8 @@ def size_of(folder: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--small-layers", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--small-layers", type=int, default=3)
     parser.add_argument("--budget", default="900M")
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
