@@ -367,14 +367,13 @@ def token_losses(runner: LayerwiseModel, batches: Sequence[Batch], **run_options
     if not runner.model.has(head_name):  # tied: the embedding matrix
         head_name = f"{runner.inner_path}.embed_tokens.weight" if runner.inner_path else "embed_tokens.weight"
     head_weight = runner._read(head_name).to(runner.device)
-    norm_state = {}
-    if norm is not None:
-        prefix = _module_path(skeleton, norm)
-        norm_state = {key: runner._read(f"{prefix}.{key}").to(runner.device) for key in norm.state_dict()}
-        norm.load_state_dict(norm_state, assign=True)
+    norm_prefix = _module_path(skeleton, norm) if norm is not None else ""
     losses: list[torch.Tensor] = [torch.empty(0)] * len(batches)
 
     def score(index: int, states: torch.Tensor) -> None:
+        if norm is not None and any(p.is_meta for p in norm.parameters()):  # loaded here: run() frees the inner parts
+            state = {key: runner._read(f"{norm_prefix}.{key}").to(runner.device) for key in norm.state_dict()}
+            norm.load_state_dict(state, assign=True)
         normed = norm(states) if norm is not None else states
         logits = torch.nn.functional.linear(normed, head_weight).float()
         targets = batches[index].input_ids.to(logits.device)[:, 1:]

@@ -50,7 +50,7 @@ def invoke(command, args: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def build(folder: Path, work: Path) -> dict[str, Path]:
+def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
     from moemerge.cli.moe_command import main as moe_main
     from moemerge.cli.yaml_command import main as yaml_main
 
@@ -98,6 +98,8 @@ def build(folder: Path, work: Path) -> dict[str, Path]:
             recipe_file = work / f"moe-{len(models)}.yml"
             recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
             models[name] = work / f"moe-{len(models)}"
+            if (models[name] / "config.json").is_file() and not rebuild:
+                continue
             seconds = invoke(moe_main, [recipe_file, models[name], *options])
             print(f"built {name} in {seconds:.0f} s", flush=True)
     return models
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
     parser.add_argument("--window", type=int, default=96)
     parser.add_argument("--readme", type=Path)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild MoEs already in OUT/routers")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -121,7 +124,7 @@ def main() -> None:
         ids = tokenizer((folder / f"heldout-{domain}.txt").read_text(encoding="utf-8"))["input_ids"]
         step = max(args.window, len(ids) // args.windows)
         heldout[domain] = [t for start in range(0, step * args.windows, step) for t in ids[start : start + args.window]]
-    models = build(folder, work)
+    models = build(folder, work, args.rebuild)
     rows = {}
     for name, model in models.items():
         scores = {d: heldout_perplexity(model, heldout[d], window=args.window).perplexity for d in DOMAINS}

@@ -6,7 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moemerge.layerwise import ActivationStore, equal_batches, mlp_module, moe_block
+from moemerge.io.loader import LazyModel
+from moemerge.layerwise import (
+    ActivationStore,
+    LayerwiseModel,
+    equal_batches,
+    mlp_module,
+    moe_block,
+    token_losses,
+)
 from moemerge.moe.prompt_states import HiddenStateReader, _tokenize, load_tokenizer
 from moemerge.moe.router import pool_prompts
 from moemerge.split.usage import (
@@ -101,3 +109,17 @@ def test_prompt_states_equal_the_whole_model_ones(toy_models, split_models, mode
     spilled = HiddenStateReader(folder, 4, "cpu", False, pool, router_input=router_input, max_memory=1)
     together = spilled.mean_states_of([(PROMPTS[:1], "one"), (PROMPTS, "all")])
     assert torch.equal(together[1], reader.mean_states(PROMPTS, "prompts"))
+
+
+@torch.no_grad()
+def test_token_losses_equal_the_whole_model_ones(toy_models):
+    folder = toy_models["base"]
+    batches = list(equal_batches([[0, 5, 17, 42, 99, 7], [0, 8, 9, 10, 11, 12], [0, 3, 4]], 2))
+    losses = token_losses(LayerwiseModel(LazyModel(folder)), batches, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    for batch, loss in zip(batches, losses, strict=True):
+        logits = model(input_ids=batch.input_ids).logits
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2).float(), batch.input_ids[:, 1:], reduction="none"
+        )
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
