@@ -14,6 +14,7 @@ from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.writer import TensorSpec
+from moemerge.merge import tensor_seed
 from moemerge.moe.config import moe_config
 from moemerge.moe.gates import Gates, compute_gates
 from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
@@ -86,7 +87,13 @@ def describe(recipe: MoeRecipe, sources: MoeSources, planned: list[PlannedTensor
     return "\n".join(lines + ["  " + tensor.describe() for tensor in planned])
 
 
-def _producer(tensor: PlannedTensor, gates: Gates):
+def noisy(tensor: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """tensor + std · N(0, 1), in float32, from a generator of its own (same seed and name, same noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    return tensor.float() + std * torch.randn(tensor.shape, generator=generator)
+
+
+def _producer(tensor: PlannedTensor, gates: Gates, random_seed: int = 0):
     if tensor.origin is Origin.ROUTER:
         return lambda: gates.router[tensor.layer]
     if tensor.origin is Origin.SHARED_GATE:
@@ -98,17 +105,22 @@ def _producer(tensor: PlannedTensor, gates: Gates):
             tensor.vocab, [model.read(name, dtype=torch.float32) for model, name in tensor.vocab_inputs]
         )[0]
     assert tensor.model is not None and tensor.source_name is not None
+    if tensor.noise_scale:
+        seed = tensor_seed(random_seed, tensor.name)
+        return lambda: noisy(tensor.model.read(tensor.source_name), tensor.noise_scale, seed) * tensor.scale
     if tensor.scale == 1.0:
         return lambda: tensor.model.read(tensor.source_name)
     return lambda: tensor.model.read(tensor.source_name, dtype=torch.float32) * tensor.scale
 
 
-def output_tensors(planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype) -> list[OutputTensor]:
-    """Each planned tensor with how to produce it (read an expert, scale it, or take a router row)."""
+def output_tensors(
+    planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype, random_seed: int = 0
+) -> list[OutputTensor]:
+    """Each planned tensor with how to produce it (read an expert, add noise, scale it, or take a router row)."""
     return [
         OutputTensor(
             TensorSpec(t.name, t.shape, dtype),
-            _producer(t, gates),
+            _producer(t, gates, random_seed),
             sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
         )
         for t in planned
@@ -122,10 +134,11 @@ class MoeOutputs:
     recipe: MoeRecipe
     gates: Gates
     dtype: torch.dtype
+    random_seed: int = 0  # experts' noise_scale draws
 
     def __call__(self, pool: ModelPool) -> list[OutputTensor]:
         _, planned, _ = prepare(self.recipe, pool)  # configs and headers only: cheap, and the same in every process
-        return output_tensors(planned, self.gates, self.dtype)
+        return output_tensors(planned, self.gates, self.dtype, self.random_seed)
 
 
 def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions) -> Path:
@@ -149,7 +162,7 @@ def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOp
     with staged_output(out, options.overwrite) as folder:
         write_outputs(
             folder,
-            MoeOutputs(recipe, gates, dtype),
+            MoeOutputs(recipe, gates, dtype, options.random_seed),
             pool,
             max_shard_bytes=options.max_shard_bytes,
             executor=options.executor,
