@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from moemerge.config.stages import Stage
+from moemerge.dense_merge import RunOptions, describe_plan, run_merge
 from moemerge.io.loader import ModelPool
-from moemerge.merge import RunOptions, describe_plan, run_merge
 from moemerge.plan.dense_plan import plan_merge
 
 log = logging.getLogger(__name__)

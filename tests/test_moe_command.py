@@ -195,10 +195,16 @@ def test_same_recipe_and_seed_give_identical_bytes(moe_models, moe_recipe_file, 
 
 def test_dry_run_prints_plan_and_writes_nothing(moe_models, moe_recipe_file, run_moe, tmp_path):
     out = tmp_path / "dry"
-    result = run_moe(moe_recipe_file(mistral_recipe(moe_models)), out, "--dry-run")
+    recipe = moe_recipe_file(mistral_recipe(moe_models))
+    result = run_moe(recipe, out, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "architecture: mixtral" in result.output
-    assert "model.layers.3.block_sparse_moe.experts.2.w2.weight [64, 128]" in result.output
+    lines = result.output.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("layer  tensors  size")))
+    assert [line.split()[0] for line in lines[header + 1 :]] == ["-", "0", "1", "2", "3"]  # one row per layer
+    assert "experts.2.w2.weight" not in result.output  # per tensor only with -v
+    verbose = run_moe(recipe, out, "--dry-run", "-v")
+    assert "model.layers.3.block_sparse_moe.experts.2.w2.weight [64, 128]" in verbose.output
     assert not out.exists()
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.config.keys import did_you_mean, schema_keys
@@ -13,11 +12,10 @@ from moemerge.config.recipe_file import read_recipe
 from moemerge.errors import ConfigError
 from moemerge.vocab.config import VocabularyKeys
 
-MOE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+if TYPE_CHECKING:
+    import torch
+
+MOE_DTYPES = ("float32", "float16", "bfloat16")  # names, not torch objects: recipes are checked before torch loads
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
 MoeArchitecture = Literal[
@@ -84,7 +82,11 @@ class MoeRecipe(VocabularyKeys, Strict):
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return MOE_DTYPES[self.dtype] if self.dtype else None
+        if not self.dtype:
+            return None
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from moemerge.config.moe_recipe import ExpertEntry, MoeRecipe
 from moemerge.errors import TensorError
 from moemerge.moe.prompt_states import EmbeddingReader, HiddenStateReader
 from moemerge.moe.router import add_noise, normalise, prompt_direction, random_rows, warn_parallel
 from moemerge.moe.sources import MoeSources
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,9 +24,11 @@ class Gates:
     shared_gate: torch.Tensor | None  # [layers, 1, hidden]
 
 
-def _hidden_rows(reader: HiddenStateReader, entries: list[tuple[str, ExpertEntry]]) -> torch.Tensor:
+def _hidden_rows(
+    reader: HiddenStateReader, entries: list[tuple[str, ExpertEntry]], progress: bool = False
+) -> torch.Tensor:
     rows = []
-    for label, entry in entries:
+    for label, entry in tqdm(entries, desc="prompt hidden states", unit="expert", disable=not progress):
         positive = reader.mean_states(entry.positive_prompts, f"{label}.positive_prompts")
         negative = None
         if entry.negative_prompts:
@@ -51,7 +57,14 @@ def _embedding_tensor(sources: MoeSources) -> torch.Tensor:
 
 
 def compute_gates(
-    recipe: MoeRecipe, sources: MoeSources, *, device: str, seed: int, pool: str, trust_remote_code: bool
+    recipe: MoeRecipe,
+    sources: MoeSources,
+    *,
+    device: str,
+    seed: int,
+    pool: str,
+    trust_remote_code: bool,
+    progress: bool = False,
 ) -> Gates:
     """Router rows per gate_mode, plus the shared expert's gate: its prompt direction when it has positive prompts
     (in a prompt mode), otherwise zeros (sigmoid 0.5: the shared expert always adds half its output)."""
@@ -62,10 +75,11 @@ def compute_gates(
     shared_from_prompts = bool(shared and shared[0][1].positive_prompts and prompt_mode)
     shared_gate = torch.zeros((layers, 1, hidden)) if shared else None
     if recipe.gate_mode == "hidden":
+        log.info("gate_mode hidden: loading %s with transformers to run the prompts", sources.base.label)
         reader = HiddenStateReader(sources.base.folder, layers, device, trust_remote_code, pool, base=sources.base)
-        router = _hidden_rows(reader, experts)
+        router = _hidden_rows(reader, experts, progress)
         if shared_from_prompts:
-            shared_gate = _hidden_rows(reader, shared)
+            shared_gate = _hidden_rows(reader, shared, progress)
         del reader
         gc.collect()
     elif recipe.gate_mode == "cheap_embed":
