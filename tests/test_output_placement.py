@@ -146,7 +146,7 @@ def test_termination_signals_stop_the_run_like_ctrl_c(signal_number, toy_models,
 
     before = signal.getsignal(signal.SIGTERM)
     mp = pytest.MonkeyPatch()
-    mp.setattr("moemerge.merge.write_config", signalled)
+    mp.setattr("moemerge.dense_merge.write_config", signalled)
     try:
         result = run_yaml(write_recipe(linear(toy_models["coder"])), target, "--overwrite", "--quiet")
     finally:
