@@ -18,6 +18,7 @@ from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
 from moemerge.io.summary import format_table
 from moemerge.methods.registry import BlockSource, Params
+from moemerge.methods.rounding import round_once
 from moemerge.plan.dense_plan import MergePlan, TensorInput, TensorMerge
 from moemerge.sizes import format_bytes
 from moemerge.vocab.output import write_generation_config, write_tokenizer
@@ -78,7 +79,7 @@ def merge_tensor(
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
     generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
-    merged = merged.to(plan.math_dtype)  # rounded once to the math dtype, as mergekit rounds
+    merged = round_once(merged, plan.math_dtype)  # rounded once to the math dtype
     return checked_output(merge.spec, merged, options.allow_nonfinite)  # cast, with an overflow told from a NaN
 
 
@@ -138,7 +139,7 @@ def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, op
     for first_entry, base, tensors in source.blocks():
         block = two_pass.merge_block(tensors, base, merge.model_params, merge.method_params, stats, first_entry)
         first_row = first_entry // source.row_numel
-        block = checked_output(merge.spec, block.to(plan.math_dtype), options.allow_nonfinite)
+        block = checked_output(merge.spec, round_once(block, plan.math_dtype), options.allow_nonfinite)
         out[first_row : first_row + block.shape[0]].copy_(block)
     return out
 
