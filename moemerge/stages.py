@@ -18,9 +18,8 @@ from pathlib import Path
 import yaml
 
 from moemerge.config.stages import Stage
+from moemerge.dense_merge import RunOptions, describe_plan, run_merge
 from moemerge.io.loader import ModelPool
-from moemerge.io.output_dir import PARTIAL_MARKER
-from moemerge.merge import RunOptions, describe_plan, run_merge
 from moemerge.plan.dense_plan import plan_merge
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,7 @@ def run_stages(
             log.info("stage %d/%d %s: complete in %s, reused", index, len(stages), stage.label, folder)
             continue
         log.info("stage %d/%d %s: merging into %s", index, len(stages), stage.label, folder)
-        for partial in folder.parent.glob(f".{folder.name}{PARTIAL_MARKER}*"):
-            shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed mid-stage
+        # a staging folder a killed run left beside `folder` is removed by staged_output (its owner is dead)
         _run_stage(stage, paths, folder, None, intermediate_options, allow_crimes)
         marker = {"stage": stage.name, "fingerprint": fingerprint}
         (folder / STAGE_MARKER).write_text(json.dumps(marker) + "\n")  # last: the stage is now complete

@@ -185,7 +185,7 @@ def test_cli_output_is_byte_identical_across_workers_and_budgets(toy_models, wri
 def test_elementwise_methods_merged_in_row_blocks_give_the_same_bytes(
     toy_models, write_recipe, run_yaml, tmp_path, monkeypatch, method
 ) -> None:
-    import moemerge.merge
+    import moemerge.dense_merge
 
     names = ("coder",) if method == "passthrough" else ("coder", "math", "story")
     models = [{"model": str(toy_models[name]), "parameters": {"weight": 0.7}} for name in names]
@@ -198,7 +198,7 @@ def test_elementwise_methods_merged_in_row_blocks_give_the_same_bytes(
     outputs = {}
     # toy tensors hold 384 × 64 or 128 × 64 entries: 1000-entry blocks split every matrix into many blocks
     for label, block in (("whole", 10**9), ("blocks", 1000)):
-        monkeypatch.setattr(moemerge.merge, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(moemerge.dense_merge, "BLOCK_ELEMENTS", block)
         result = run_yaml(config, tmp_path / label, "--quiet", "--workers", "2")
         assert result.exit_code == 0, result.output
         outputs[label] = {p.name: p.read_bytes() for p in (tmp_path / label).glob("*.safetensors")}
@@ -208,7 +208,7 @@ def test_elementwise_methods_merged_in_row_blocks_give_the_same_bytes(
 def test_row_blocks_cover_every_row_once_and_only_for_elementwise_methods() -> None:
     from types import SimpleNamespace
 
-    from moemerge.merge import BLOCK_ELEMENTS, row_blocks
+    from moemerge.dense_merge import BLOCK_ELEMENTS, row_blocks
 
     def plan(elementwise: bool):
         return SimpleNamespace(method=SimpleNamespace(elementwise=elementwise))

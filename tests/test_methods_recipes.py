@@ -63,7 +63,7 @@ def test_recipe_matches_the_method_per_tensor_and_loads(
     for name, tensor in merged.items():
         generator_seed = None
         if method.startswith("della"):
-            from moemerge.merge import tensor_seed
+            from moemerge.dense_merge import tensor_seed
 
             generator_seed = tensor_seed(3, name)
         expected = run_merge(

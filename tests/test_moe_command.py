@@ -98,7 +98,8 @@ def test_hidden_routing_sends_each_experts_prompts_to_it(moe_models, moe_recipe_
 
 
 def test_hidden_router_rows_match_per_prompt_hidden_states(moe_models, moe_recipe_file, run_moe, tmp_path):
-    """Rows equal normalise(mean last-token state of positives - of negatives), each prompt run unpadded."""
+    """Rows equal normalise(mean last-token state of positives - of negatives), each prompt run unpadded with BOS
+    prepended and no other special tokens (as mergekit-moe tokenizes)."""
     recipe = mistral_recipe(moe_models, experts_per_token=1)
     recipe["experts"] = recipe["experts"][:2]
     recipe["experts"][1]["negative_prompts"] = PROMPTS["story"]
@@ -111,7 +112,8 @@ def test_hidden_router_rows_match_per_prompt_hidden_states(moe_models, moe_recip
         states = []
         for prompt in prompts:
             with torch.no_grad():
-                hidden = base(**tokenizer(prompt, return_tensors="pt"), output_hidden_states=True).hidden_states
+                ids = tokenizer("<s>" + prompt, return_tensors="pt", add_special_tokens=False)
+                hidden = base(**ids, output_hidden_states=True).hidden_states
             states.append(hidden[layer][0, -1])
         return torch.stack(states).mean(dim=0)
 
@@ -132,7 +134,9 @@ def test_cheap_embed_rows_are_normalised_embedding_sums_in_every_layer(moe_model
     tokenizer = AutoTokenizer.from_pretrained(moe_models["mistral"])
     rows = []
     for name in EXPERT_SEEDS:
-        total = sum(embeddings[tokenizer(prompt)["input_ids"]].sum(dim=0) for prompt in PROMPTS[name])
+        ids = [tokenizer("<s>" + prompt, add_special_tokens=False)["input_ids"] for prompt in PROMPTS[name]]
+        assert all(prompt_ids[0] == tokenizer.bos_token_id for prompt_ids in ids)
+        total = sum(embeddings[prompt_ids].sum(dim=0) for prompt_ids in ids)
         rows.append(total / total.norm())
     for layer in range(4):
         torch.testing.assert_close(tensors[ROUTER.format(layer)], torch.stack(rows), rtol=1e-4, atol=1e-5)
@@ -191,10 +195,16 @@ def test_same_recipe_and_seed_give_identical_bytes(moe_models, moe_recipe_file, 
 
 def test_dry_run_prints_plan_and_writes_nothing(moe_models, moe_recipe_file, run_moe, tmp_path):
     out = tmp_path / "dry"
-    result = run_moe(moe_recipe_file(mistral_recipe(moe_models)), out, "--dry-run")
+    recipe = moe_recipe_file(mistral_recipe(moe_models))
+    result = run_moe(recipe, out, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "architecture: mixtral" in result.output
-    assert "model.layers.3.block_sparse_moe.experts.2.w2.weight [64, 128]" in result.output
+    lines = result.output.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("layer  tensors  size")))
+    assert [line.split()[0] for line in lines[header + 1 :]] == ["-", "0", "1", "2", "3"]  # one row per layer
+    assert "experts.2.w2.weight" not in result.output  # per tensor only with -v
+    verbose = run_moe(recipe, out, "--dry-run", "-v")
+    assert "model.layers.3.block_sparse_moe.experts.2.w2.weight [64, 128]" in verbose.output
     assert not out.exists()
 
 

@@ -146,7 +146,7 @@ def test_termination_signals_stop_the_run_like_ctrl_c(signal_number, toy_models,
 
     before = signal.getsignal(signal.SIGTERM)
     mp = pytest.MonkeyPatch()
-    mp.setattr("moemerge.merge.write_config", signalled)
+    mp.setattr("moemerge.dense_merge.write_config", signalled)
     try:
         result = run_yaml(write_recipe(linear(toy_models["coder"])), target, "--overwrite", "--quiet")
     finally:
@@ -226,15 +226,15 @@ def test_any_full_disk_in_the_staged_folder_is_one_error(tmp_path):
 
 
 def test_sigterm_while_planning_is_an_interrupt(toy_models, write_recipe, run_yaml, tmp_path, monkeypatch):
-    import moemerge.cli.yaml_command as yaml_command
+    import moemerge.plan.dense_plan as dense_plan  # the command plans through moemerge.api, which calls this
 
-    real_plan = yaml_command.plan_merge
+    real_plan = dense_plan.plan_merge
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(yaml_command, "plan_merge", terminated)
+    monkeypatch.setattr(dense_plan, "plan_merge", terminated)
     out = tmp_path / "out"
     result = run_yaml(write_recipe(linear(toy_models["coder"])), out)
     assert result.exit_code == 130 and "interrupted: no output was written" in result.stderr

@@ -85,7 +85,7 @@ def test_a_rerun_reuses_complete_stages_and_redoes_an_interrupted_one(toy_models
     # a kill during stage 2: its folder lacks the marker and a partial staging folder is left beside it
     blend_shards = {p: p.stat().st_mtime_ns for p in (stages_dir / "blend").glob("*.safetensors")}
     (stages_dir / "tuned" / STAGE_MARKER).unlink()
-    (stages_dir / ".tuned.moemerge-partial-killed").mkdir()
+    (stages_dir / ".tuned.moemerge-partial-999999999-dead").mkdir()
     tuned_before = {p: p.stat().st_mtime_ns for p in (stages_dir / "tuned").glob("*.safetensors")}
 
     dry = run_yaml(path, tmp_path / "out2", "--dry-run", "--intermediate-dir", stages_dir)
@@ -97,7 +97,7 @@ def test_a_rerun_reuses_complete_stages_and_redoes_an_interrupted_one(toy_models
     assert "stage 1/3 'blend': complete" in result.output and "stage 2/3 'tuned': merging" in result.output
     assert {p: p.stat().st_mtime_ns for p in blend_shards} == blend_shards  # stage 1 was not merged again
     assert all(p.stat().st_mtime_ns != t for p, t in tuned_before.items() if p.exists())
-    assert not (stages_dir / ".tuned.moemerge-partial-killed").exists()
+    assert not (stages_dir / ".tuned.moemerge-partial-999999999-dead").exists()
     assert (stages_dir / "tuned" / STAGE_MARKER).exists()
     assert_same(tmp_path / "out2", reference)
 

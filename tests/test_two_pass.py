@@ -88,7 +88,7 @@ def test_slerp_in_blocks_matches_the_whole_tensor(t):
 
 @pytest.mark.parametrize("method", ["ties", "slerp", "dare_ties"])
 def test_two_pass_merges_through_the_command(toy_models, write_recipe, run_yaml, tmp_path, monkeypatch, method):
-    import moemerge.merge
+    import moemerge.dense_merge
 
     names = ("coder",) if method == "slerp" else ("coder", "math", "story")
     models = [{"model": str(toy_models[name]), "parameters": {"weight": 1.0, "density": 0.4}} for name in names]
@@ -98,7 +98,7 @@ def test_two_pass_merges_through_the_command(toy_models, write_recipe, run_yaml,
         recipe["parameters"] = {"t": 0.4}
     config = write_recipe(recipe)
     for label, block in (("whole", 10**9), ("blocks", 1000)):  # toy matrices hold 8192-24576 entries
-        monkeypatch.setattr(moemerge.merge, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(moemerge.dense_merge, "BLOCK_ELEMENTS", block)
         result = run_yaml(config, tmp_path / label, "--quiet")
         assert result.exit_code == 0, result.output
     whole, blocked = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "blocks")

@@ -268,7 +268,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(toy_models, write_recipe, ru
     recipe = _dare_recipe(toy_models, write_recipe, "dare.yml")
     result = run_yaml(recipe, tmp_path / "out", "--dry-run")
     assert result.exit_code == 0
-    assert "method: dare_ties" in result.output and "output tensors: 39 in 4 layers" in result.output
+    assert "method: dare_ties" in result.output and "output: 39 tensors in 4 layers" in result.output
     assert "estimated peak memory" in result.output
     assert not (tmp_path / "out").exists()
 

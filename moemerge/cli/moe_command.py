@@ -1,4 +1,5 @@
-"""`moemerge-moe CONFIG OUT`: assemble a Mixtral / Qwen2-MoE / Qwen3-MoE model from dense models."""
+"""`moemerge-moe CONFIG OUT`: assemble a Mixtral / Qwen2-MoE / Qwen3-MoE from dense models (a shell over
+`moemerge.build_moe`)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,28 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    COMMAND_SETTINGS,
     allow_nonfinite_option,
     copy_tokenizer_option,
     device_option,
     dry_run_option,
     executor_option,
     max_memory_option,
+    mergekit_flags,
     overwrite_option,
     quiet_option,
     ray_address_option,
-    resolve_device,
     seed_option,
     shard_size_option,
     trust_remote_code_option,
     user_errors,
     verbose_option,
+    version_option,
     workers_option,
 )
-from moemerge.config.moe_recipe import load_moe_recipe
-from moemerge.io.loader import ModelPool
-from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dtype, prepare
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @device_option
@@ -69,7 +69,15 @@ from moemerge.moe.assemble import MoeOptions, assemble_moe, describe, output_dty
     help="gate_mode fitted: route each calibration token to the expert whose text it is from, or to the expert "
     "whose model predicts its next token best.",
 )
+@click.option(
+    "--allow-crimes",
+    "allow_crimes",
+    is_flag=True,
+    help="mergekit's; experts of another architecture than the base are always refused here (no effect).",
+)
+@version_option
 @user_errors
+@mergekit_flags("lazy_unpickle", "low_cpu_memory", "clone_tensors", "lora_merge_cache", "understand_untrained")
 def main(
     config_path: Path,
     out: Path,
@@ -90,30 +98,34 @@ def main(
     hidden_pool: str,
     router_input: str,
     fit_labels: str,
+    allow_crimes: bool,
 ) -> None:
-    """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT."""
-    recipe, recipe_data = load_moe_recipe(config_path)
-    if dry_run:
-        sources, planned, _ = prepare(recipe, ModelPool())
-        click.echo(describe(recipe, sources, planned, output_dtype(recipe, sources)))
-        return
-    options = MoeOptions(
-        device=resolve_device(device),
+    """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT.
+
+    Model paths in the recipe are relative to the current working directory.
+    """
+    from moemerge.api import build_moe
+
+    result = build_moe(
+        config_path,
+        out,
+        device=device,
         random_seed=random_seed,
-        max_shard_bytes=out_shard_size,
-        copy_tokenizer=copy_tokenizer,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        hidden_pool=hidden_pool,
-        progress=not quiet,
+        out_shard_size=out_shard_size,
         max_memory=max_memory,
         workers=workers,
         executor=executor,
         ray_address=ray_address,
         router_input=router_input,
         fit_labels=fit_labels,
+        copy_tokenizer=copy_tokenizer,
+        trust_remote_code=trust_remote_code,
+        hidden_pool=hidden_pool,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        progress=not quiet,
+        dry_run=dry_run,
+        verbose_plan=verbose,
     )
-    assemble_moe(recipe, recipe_data, out, options)
-    if not quiet:
-        click.echo(f"wrote {out}")
+    if dry_run or not quiet:
+        click.echo(str(result))

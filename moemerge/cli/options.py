@@ -1,4 +1,7 @@
-"""Click options and error handling shared by the moemerge commands (each command picks what it uses)."""
+"""Click options and error handling shared by the moemerge commands (each command picks what it uses).
+
+Nothing here imports torch: `--help`, `--version` and recipe errors answer before the tensor stack loads.
+"""
 
 from __future__ import annotations
 
@@ -10,58 +13,56 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-import torch
 
+from moemerge import __version__
+from moemerge.api import resolve_device  # noqa: F401  (commands import it from here; torch loads on call)
 from moemerge.errors import MoemergeError
 from moemerge.io.output_dir import Interrupts
-from moemerge.io.writer import parse_size
+from moemerge.sizes import parse_memory, parse_shard_size
 
 log = logging.getLogger("moemerge")
 
-
-def resolve_device(choice: str) -> str:
-    """'auto' → cuda when available; asking for cuda without it is a user error, not a silent fallback."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise MoemergeError("--device cuda was given but no CUDA device is available (use --device cpu or auto)")
-    return choice
+COMMAND_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     try:
-        return parse_size(value)
+        return parse_shard_size(value)
     except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+        raise click.BadParameter(str(error).removeprefix("--out-shard-size: ")) from None
 
 
+def _memory(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    try:
+        return parse_memory(value)  # None: the executor picks a quarter of RAM, between 1 GB and 16 GB
+    except ValueError as error:
+        raise click.BadParameter(str(error).removeprefix("--max-memory: ")) from None
+
+
+version_option = click.version_option(__version__, "--version", prog_name="moemerge", message="%(prog)s %(version)s")
 device_option = click.option(
     "--device",
     type=click.Choice(["cpu", "cuda", "auto"]),
     default="cpu",
     show_default=True,
-    help="Where the tensor math runs.",
+    help="Where the tensor math runs; auto = cuda when available.",
 )
 seed_option = click.option(
-    "--random-seed", type=int, default=0, show_default=True, help="Seed for random masks/routers."
+    "--random-seed", type=int, default=0, show_default=True, help="Seed for random masks (DARE) and random routers."
 )
 shard_size_option = click.option(
-    "--out-shard-size", default="5G", show_default=True, callback=_size, help="Largest output shard, e.g. 500M, 5G."
+    "--out-shard-size",
+    default="5B",
+    show_default=True,
+    callback=_shard_size,
+    help="Largest output shard in bytes: 5B = five billion as in mergekit; also 500M, 5GB, 2GiB.",
 )
-
-
-def _memory(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    if value is None or value.strip().lower() == "auto":
-        return None  # the executor picks a quarter of RAM, between 1 GB and 16 GB
-    return _size(_ctx, _param, value)
-
-
 max_memory_option = click.option(
     "--max-memory",
     default="auto",
     show_default=True,
     callback=_memory,
-    help="Memory budget for tensors in flight, e.g. 2G; auto = a quarter of RAM (1G to 16G).",
+    help="Memory budget for tensors in flight, with a unit (2G, 512M); auto = a quarter of RAM (1G to 16G).",
 )
 workers_option = click.option(
     "--workers",
@@ -83,7 +84,15 @@ ray_address_option = click.option(
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 copy_tokenizer_option = click.option(
-    "--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy tokenizer files."
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    show_default=True,
+    help="Copy the tokenizer files into the output.",
+)
+allow_crimes_option = click.option(
+    "--allow-crimes",
+    is_flag=True,
+    help="Merge models of different architectures, and skip inputs whose tensor shapes do not match.",
 )
 trust_remote_code_option = click.option(
     "--trust-remote-code", is_flag=True, help="Allow running model code shipped with a checkpoint (off by default)."
@@ -91,9 +100,55 @@ trust_remote_code_option = click.option(
 allow_nonfinite_option = click.option(
     "--allow-nonfinite", is_flag=True, help="Write NaN/Inf (or float16 overflow) with a warning instead of failing."
 )
-dry_run_option = click.option("--dry-run", is_flag=True, help="Print the plan and exit without reading tensors.")
-verbose_option = click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
-quiet_option = click.option("--quiet", is_flag=True, help="Only warnings and errors; no progress bar.")
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Print the plan (per layer; per tensor with -v) and exit without writing."
+)
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, help="Show the plan and timings; debug logging; tracebacks on errors."
+)
+quiet_option = click.option("--quiet", is_flag=True, help="Only warnings and errors; no progress bar or summary.")
+
+# mergekit options that change nothing here, with why; accepted so that mergekit command lines run unchanged.
+MERGEKIT_NOOPS: dict[str, tuple[str, str]] = {
+    "lazy_unpickle": ("--lazy-unpickle", "moemerge always reads tensors lazily"),
+    "low_cpu_memory": ("--low-cpu-memory", "memory is bounded by --max-memory"),
+    "clone_tensors": ("--clone-tensors", "every output tensor is written from its own buffer"),
+    "lora_merge_cache": ("--lora-merge-cache", "nothing is cached between runs"),
+    "understand_untrained": (
+        "--i-understand-this-is-not-useful-without-training",
+        "moemerge-moe never asks for this confirmation",
+    ),
+}
+
+
+def mergekit_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Accept mergekit's `--cuda` (= --device cuda) and the harmless flags in `names`, noting the ones that do nothing.
+
+    The flags are consumed here, so the command's function sees only `device` changed by `--cuda`.
+    """
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.pop("cuda", False):
+                kwargs["device"] = "cuda"
+            for name in names:
+                given = kwargs.pop(name, None)
+                if given:
+                    flag, why = MERGEKIT_NOOPS[name]
+                    log.info("%s is accepted for mergekit compatibility and has no effect: %s", flag, why)
+            return command(*args, **kwargs)
+
+        for name in reversed(names):
+            flag, why = MERGEKIT_NOOPS[name]
+            if name == "lora_merge_cache":
+                option = click.option(flag, name, metavar="PATH", default=None, help=f"mergekit's; no effect ({why}).")
+            else:
+                option = click.option(flag, name, is_flag=True, help=f"mergekit's; no effect ({why}).")
+            wrapper = option(wrapper)
+        return click.option("--cuda", is_flag=True, help="mergekit's spelling of --device cuda.")(wrapper)
+
+    return decorate
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:

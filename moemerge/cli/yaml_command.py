@@ -1,4 +1,4 @@
-"""`moemerge-yaml CONFIG OUT`: a dense merge from a mergekit-style YAML recipe."""
+"""`moemerge-yaml CONFIG OUT`: a dense merge from a mergekit-style YAML recipe (a shell over `moemerge.merge`)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,29 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    COMMAND_SETTINGS,
+    allow_crimes_option,
     allow_nonfinite_option,
     copy_tokenizer_option,
     device_option,
     dry_run_option,
     executor_option,
     max_memory_option,
+    mergekit_flags,
     overwrite_option,
     quiet_option,
     ray_address_option,
-    resolve_device,
     seed_option,
     shard_size_option,
     trust_remote_code_option,
     user_errors,
     verbose_option,
+    version_option,
     workers_option,
 )
-from moemerge.config.stages import load_stages
-from moemerge.io.loader import ModelPool
-from moemerge.io.output_dir import check_target
-from moemerge.merge import RunOptions, describe_plan, run_merge
-from moemerge.plan.dense_plan import plan_merge
-from moemerge.stages import describe_stages, run_stages
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @device_option
@@ -41,7 +38,7 @@ from moemerge.stages import describe_stages, run_stages
 @max_memory_option
 @workers_option
 @copy_tokenizer_option
-@click.option("--allow-crimes", is_flag=True, help="Skip inputs whose tensor shapes do not match instead of failing.")
+@allow_crimes_option
 @executor_option
 @ray_address_option
 @click.option(
@@ -57,23 +54,16 @@ from moemerge.stages import describe_stages, run_stages
 @dry_run_option
 @verbose_option
 @quiet_option
-@click.option("--cuda", is_flag=True, hidden=True, help="mergekit spelling of --device cuda.")
-@click.option(
-    "--lazy-unpickle",
-    "--low-cpu-memory",
-    "mergekit_noop",
-    is_flag=True,
-    hidden=True,
-    help="Accepted for mergekit compatibility; moemerge always streams.",
-)
+@version_option
 @user_errors
+@mergekit_flags("lazy_unpickle", "low_cpu_memory", "clone_tensors", "lora_merge_cache")
 def main(
     config_path: Path,
     out: Path,
     device: str,
     random_seed: int,
     out_shard_size: int,
-    max_memory: int,
+    max_memory: int | None,
     workers: int | None,
     copy_tokenizer: bool,
     allow_crimes: bool,
@@ -87,42 +77,33 @@ def main(
     dry_run: bool,
     verbose: bool,
     quiet: bool,
-    cuda: bool,
-    mergekit_noop: bool,
 ) -> None:
-    """Merge the models of a YAML recipe (mergekit format; several `---` documents: a multi-stage recipe) into OUT."""
-    stages, recipe_text = load_stages(config_path)
-    if not dry_run:
-        check_target(out, overwrite)
-    device = resolve_device("cuda" if cuda else device)
-    options = RunOptions(
+    """Merge the models of a YAML recipe (mergekit format; several `---` documents: a multi-stage recipe) into OUT.
+
+    Model paths in the recipe are relative to the current working directory; anything else of the form
+    org/name is looked up on the Hugging Face hub (or its local cache).
+    """
+    from moemerge.api import merge
+
+    result = merge(
+        config_path,
+        out,
         device=device,
         random_seed=random_seed,
         out_shard_size=out_shard_size,
         max_memory=max_memory,
         workers=workers,
         copy_tokenizer=copy_tokenizer,
+        allow_crimes=allow_crimes,
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         executor=executor,
         ray_address=ray_address,
+        intermediate_dir=intermediate_dir,
+        keep_intermediates=keep_intermediates,
+        dry_run=dry_run,
+        verbose_plan=verbose,
     )
-    if len(stages) > 1:
-        if dry_run:
-            click.echo(describe_stages(stages, out, options, intermediate_dir))
-            return
-        stage_options = {"keep_intermediates": keep_intermediates, "allow_crimes": allow_crimes}
-        run_stages(stages, recipe_text, out, options, intermediate_dir=intermediate_dir, **stage_options)
-        if not quiet:
-            click.echo(f"wrote {out}")
-        return
-    recipe = stages[0].recipe
-    pool = ModelPool()
-    plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
-    if dry_run:
-        click.echo(describe_plan(plan))
-        return
-    run_merge(plan, recipe, recipe_text, pool, out, options)
-    if not quiet:
-        click.echo(f"wrote {out}")
+    if dry_run or not quiet:
+        click.echo(str(result))

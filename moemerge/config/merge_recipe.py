@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.config.keys import did_you_mean, schema_keys
@@ -16,16 +15,27 @@ from moemerge.vocab.config import VocabularyKeys
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
+if TYPE_CHECKING:
+    import torch
+
+# recipe spelling → torch dtype name (names, not torch objects: a recipe is checked before torch is imported)
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
 
 Scalar = bool | int | float | str
 
@@ -186,12 +196,12 @@ class MergeRecipe(VocabularyKeys, Strict):
 
     @property
     def math_dtype(self) -> torch.dtype | None:
-        return DTYPES[self.dtype] if self.dtype else None
+        return torch_dtype(self.dtype) if self.dtype else None
 
     @property
     def saved_dtype(self) -> torch.dtype | None:
         name = self.out_dtype or self.dtype
-        return DTYPES[name] if name else None
+        return torch_dtype(name) if name else None
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "", schema: type[BaseModel] | None = None) -> str:

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moemerge.config.keys import did_you_mean, schema_keys
 from moemerge.config.recipe_file import read_recipe
 from moemerge.errors import ConfigError
 from moemerge.vocab.config import VocabularyKeys
 
-MOE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+if TYPE_CHECKING:
+    import torch
+
+MOE_DTYPES = ("float32", "float16", "bfloat16")  # names, not torch objects: recipes are checked before torch loads
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "fitted"]
-MoeArchitecture = Literal["mixtral", "qwen2_moe", "qwen3_moe"]
+MoeArchitecture = Literal[
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen"
+]  # qwen: qwen3_moe from a Qwen3 base, else qwen2_moe
+# mergekit-moe picks the output whose name ("Mixtral", "Qwen MoE", "Qwen3 MoE") starts with the value, ignoring case
+ARCHITECTURE_ALIASES = {"qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "qwen moe": "qwen", "qwen3 moe": "qwen3_moe"}
 PROMPT_GATE_MODES = ("hidden", "cheap_embed")
 
 
@@ -35,7 +38,9 @@ class ExpertEntry(Strict):
     negative_prompts: list[str] = Field(default_factory=list)
     calibration_files: list[str] = Field(default_factory=list)  # gate_mode fitted: plain-text files of this expert
     noise: float = Field(default=0.0, ge=0.0)  # std of seeded Gaussian noise added to this expert's router row
-    residual_scale: float = 1.0  # multiplies the expert's down projection
+    # mergekit's: std of seeded Gaussian noise added to this expert's MLP weights (sparse upcycling of one model)
+    noise_scale: float | None = Field(default=None, ge=0.0)
+    residual_scale: float = 1.0  # multiplies the expert's down projection (after any noise, as mergekit)
 
 
 class MoeRecipe(VocabularyKeys, Strict):
@@ -50,6 +55,14 @@ class MoeRecipe(VocabularyKeys, Strict):
     norm_topk_prob: bool | None = None
     experts: list[ExpertEntry] = Field(min_length=1)
     shared_experts: list[ExpertEntry] = Field(default_factory=list)
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _mergekit_spelling(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return ARCHITECTURE_ALIASES.get(value, value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> MoeRecipe:
@@ -77,7 +90,11 @@ class MoeRecipe(VocabularyKeys, Strict):
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return MOE_DTYPES[self.dtype] if self.dtype else None
+        if not self.dtype:
+            return None
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -92,7 +109,8 @@ def explain_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = _location(first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"recipe key {where!r} is not a mergekit-moe key (check its spelling)"
+        hint = did_you_mean(str(first["loc"][-1]), schema_keys(MoeRecipe)) or " (check its spelling)"
+        return f"recipe key {where!r} is not a mergekit-moe key{hint}"
     if first["type"] == "missing":
         return f"recipe key {where!r} is required"
     message = first["msg"].removeprefix("Value error, ")

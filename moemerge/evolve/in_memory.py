@@ -18,8 +18,8 @@ class MergedModel:
 def merge_in_memory(recipe: dict, *, random_seed: int = 0) -> MergedModel:
     """Plan and run a dense recipe (a plain dict) tensor by tensor into memory, as `moemerge-yaml` would write it."""
     from moemerge.config.merge_recipe import parse_merge_recipe
+    from moemerge.dense_merge import RunOptions, merge_tensor
     from moemerge.io.loader import ModelPool
-    from moemerge.merge import RunOptions, merge_tensor
     from moemerge.plan.dense_plan import plan_merge
 
     parsed = parse_merge_recipe(recipe, "recipe")

@@ -91,6 +91,10 @@ class MergeMethod:
         """Whether `base` is passed apart from `tensors` for a recipe whose base_model is `base_model`."""
         return self.uses_base or (self.optional_base and base_model is not None)
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its registry name: a plan shipped to another process finds the same method there."""
+        return get_method, (self.name,)
+
 
 METHODS: dict[str, MergeMethod] = {}
 

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import torch
 
+from moemerge.architectures import layer_of
 from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
 from moemerge.executor import OutputTensor, write_outputs
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
+from moemerge.io.summary import Stage, format_table, no_stage
 from moemerge.io.writer import TensorSpec
+from moemerge.merge import tensor_seed
 from moemerge.moe.config import moe_config
 from moemerge.moe.fitted import calibration_text, fit_routers
 from moemerge.moe.gates import Gates, compute_gates
 from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
 from moemerge.moe.sources import MoeSources, resolve_sources
+from moemerge.sizes import format_bytes
 from moemerge.vocab.alignment import OutputVocabulary
 from moemerge.vocab.build import build_vocabulary, embedding_rows, output_vocab_config
 from moemerge.vocab.output import write_generation_config, write_tokenizer
@@ -53,7 +57,7 @@ def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
     if recipe.torch_dtype is not None:
         return recipe.torch_dtype
     saved = sources.base.config.get("dtype") or sources.base.config.get("torch_dtype")
-    return MOE_DTYPES.get(str(saved), torch.float32)
+    return getattr(torch, str(saved)) if str(saved) in MOE_DTYPES else torch.float32
 
 
 def prepare(recipe: MoeRecipe, pool: ModelPool) -> tuple[MoeSources, list[PlannedTensor], OutputVocabulary | None]:
@@ -77,19 +81,57 @@ def prepare(recipe: MoeRecipe, pool: ModelPool) -> tuple[MoeSources, list[Planne
     return sources, plan_moe(sources, vocabulary), vocabulary
 
 
-def describe(recipe: MoeRecipe, sources: MoeSources, planned: list[PlannedTensor], dtype: torch.dtype) -> str:
-    total = sum(torch.Size(t.shape).numel() for t in planned) * dtype.itemsize
+def describe(
+    recipe: MoeRecipe,
+    sources: MoeSources,
+    planned: list[PlannedTensor],
+    dtype: torch.dtype,
+    *,
+    per_tensor: bool = False,
+) -> str:
+    """The --dry-run plan: the MoE's shape, then per layer (per tensor with -v) what is copied from where."""
+    itemsize = dtype.itemsize
+    total = sum(torch.Size(t.shape).numel() for t in planned) * itemsize
     lines = [
         f"architecture: {sources.target.name} from {sources.base_arch.name} base {recipe.base_model}",
         f"experts: {len(sources.experts)} ({recipe.experts_per_token} per token), gate_mode: {recipe.gate_mode}, "
         f"layers: {sources.layers}, dtype: {str(dtype).removeprefix('torch.')}",
         f"shared expert: {sources.shared.entry.source_model if sources.shared else 'none'}",
-        f"tensors: {len(planned)}, {total / 1e6:.1f} MB",
+        f"output: {len(planned)} tensors, {format_bytes(total)}",
+        "",
     ]
-    return "\n".join(lines + ["  " + tensor.describe() for tensor in planned])
+    if per_tensor:
+        return "\n".join(lines + [tensor.describe() for tensor in planned])
+    groups: dict[str, list[PlannedTensor]] = {}
+    for tensor in planned:
+        layer = layer_of(tensor.name)
+        groups.setdefault("-" if layer is None else str(layer), []).append(tensor)
+    rows = [["layer", "tensors", "size", "from"]]
+    for layer, tensors in groups.items():
+        origins: dict[str, int] = {}
+        for tensor in tensors:
+            label = tensor.model.label if tensor.model is not None else tensor.origin.value
+            origins[label] = origins.get(label, 0) + 1
+        size = sum(torch.Size(t.shape).numel() for t in tensors) * itemsize
+        rows.append(
+            [layer, str(len(tensors)), format_bytes(size), ", ".join(f"{label} {n}" for label, n in origins.items())]
+        )
+    return "\n".join(lines + format_table(rows))
 
 
-def _producer(tensor: PlannedTensor, gates: Gates):
+def describe_recipe(recipe: MoeRecipe, *, per_tensor: bool = False) -> str:
+    """The dry-run text for a recipe: sources resolved and the plan made from configs and headers only."""
+    sources, planned, _ = prepare(recipe, ModelPool())
+    return describe(recipe, sources, planned, output_dtype(recipe, sources), per_tensor=per_tensor)
+
+
+def noisy(tensor: torch.Tensor, std: float, seed: int) -> torch.Tensor:
+    """tensor + std · N(0, 1), in float32, from a generator of its own (same seed and name, same noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    return tensor.float() + std * torch.randn(tensor.shape, generator=generator)
+
+
+def _producer(tensor: PlannedTensor, gates: Gates, random_seed: int = 0):
     if tensor.origin is Origin.ROUTER:
         return lambda: gates.router[tensor.layer]
     if tensor.origin is Origin.SHARED_GATE:
@@ -101,17 +143,22 @@ def _producer(tensor: PlannedTensor, gates: Gates):
             tensor.vocab, [model.read(name, dtype=torch.float32) for model, name in tensor.vocab_inputs]
         )[0]
     assert tensor.model is not None and tensor.source_name is not None
+    if tensor.noise_scale:
+        seed = tensor_seed(random_seed, tensor.name)
+        return lambda: noisy(tensor.model.read(tensor.source_name), tensor.noise_scale, seed) * tensor.scale
     if tensor.scale == 1.0:
         return lambda: tensor.model.read(tensor.source_name)
     return lambda: tensor.model.read(tensor.source_name, dtype=torch.float32) * tensor.scale
 
 
-def output_tensors(planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype) -> list[OutputTensor]:
-    """Each planned tensor with how to produce it (read an expert, scale it, or take a router row)."""
+def output_tensors(
+    planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype, random_seed: int = 0
+) -> list[OutputTensor]:
+    """Each planned tensor with how to produce it (read an expert, add noise, scale it, or take a router row)."""
     return [
         OutputTensor(
             TensorSpec(t.name, t.shape, dtype),
-            _producer(t, gates),
+            _producer(t, gates, random_seed),
             sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
         )
         for t in planned
@@ -125,40 +172,46 @@ class MoeOutputs:
     recipe: MoeRecipe
     gates: Gates
     dtype: torch.dtype
+    random_seed: int = 0  # experts' noise_scale draws
 
     def __call__(self, pool: ModelPool) -> list[OutputTensor]:
         _, planned, _ = prepare(self.recipe, pool)  # configs and headers only: cheap, and the same in every process
-        return output_tensors(planned, self.gates, self.dtype)
+        return output_tensors(planned, self.gates, self.dtype, self.random_seed)
 
 
-def assemble_moe(recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions) -> Path:
-    """Build the MoE into `out` (atomically: nothing is left there on error)."""
+def assemble_moe(
+    recipe: MoeRecipe, recipe_data: dict, out: Path, options: MoeOptions, *, stage: Stage = no_stage
+) -> Path:
+    """Build the MoE into `out` (atomically: nothing is left there on error); `stage` times plan, gates, write."""
     check_target(out, options.overwrite)
-    pool = ModelPool()
-    sources, planned, vocabulary = prepare(recipe, pool)
+    with stage("plan"):
+        pool = ModelPool()
+        sources, planned, vocabulary = prepare(recipe, pool)
     dtype = output_dtype(recipe, sources)
+    log.debug("plan:\n%s", describe(recipe, sources, planned, dtype, per_tensor=True))
     if recipe.gate_mode == "fitted":  # unreadable calibration files fail before any tensor is read
         for source in sources.experts:
             calibration_text(source.entry, source.label)
-    gates = compute_gates(
-        recipe,
-        sources,
-        device=options.device,
-        seed=options.random_seed,
-        pool=options.hidden_pool,
-        trust_remote_code=options.trust_remote_code,
-        max_memory=options.max_memory,
-        router_input=options.router_input,
-        progress=options.progress,
-    )
+    with stage(f"gates ({recipe.gate_mode})"):
+        gates = compute_gates(
+            recipe,
+            sources,
+            device=options.device,
+            seed=options.random_seed,
+            pool=options.hidden_pool,
+            trust_remote_code=options.trust_remote_code,
+            max_memory=options.max_memory,
+            router_input=options.router_input,
+            progress=options.progress,
+        )
     specs = [TensorSpec(t.name, t.shape, dtype) for t in planned]
     config = output_vocab_config(
         moe_config(sources, recipe.experts_per_token, recipe.norm_topk_prob), sources.base_arch, specs, vocabulary
     )
-    with staged_output(out, options.overwrite) as folder:
+    with stage("write"), staged_output(out, options.overwrite) as folder:
         write_outputs(
             folder,
-            MoeOutputs(recipe, gates, dtype),
+            MoeOutputs(recipe, gates, dtype, options.random_seed),
             pool,
             max_shard_bytes=options.max_shard_bytes,
             executor=options.executor,

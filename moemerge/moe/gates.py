@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ from moemerge.errors import TensorError
 from moemerge.moe.prompt_states import EmbeddingReader, HiddenStateReader
 from moemerge.moe.router import add_noise, normalise, prompt_direction, random_rows, warn_parallel
 from moemerge.moe.sources import MoeSources
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class PlannedTensor:
     source_name: str | None = None
     scale: float = 1.0
     layer: int | None = None
+    noise_scale: float = 0.0  # std of seeded Gaussian noise added before `scale` (an expert's `noise_scale`)
     vocab: VocabRows | None = None  # Origin.VOCAB: row maps of `vocab_inputs` (the base first)
     vocab_inputs: tuple[tuple[LazyModel, str], ...] = ()
 
@@ -35,15 +36,18 @@ class PlannedTensor:
         if self.origin in (Origin.COPY, Origin.VOCAB):
             assert self.model is not None
             scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
-            return f"{self.name} {list(self.shape)} <- {self.model.label}:{self.source_name}{scale}"
+            noise = f" + noise {self.noise_scale:g}" if self.noise_scale else ""
+            return f"{self.name} {list(self.shape)} <- {self.model.label}:{self.source_name}{noise}{scale}"
         return f"{self.name} {list(self.shape)} <- {self.origin.value}"
 
 
-def _copy(model: LazyModel, source_name: str, name: str, expected: tuple[int, ...], scale: float = 1.0):
+def _copy(
+    model: LazyModel, source_name: str, name: str, expected: tuple[int, ...], scale: float = 1.0, noise: float = 0.0
+):
     shape = model.shape(source_name)
     if shape != expected:
         raise TensorError(f"model {model.label!r}: tensor {source_name!r} has shape {list(shape)}, expected {expected}")
-    return PlannedTensor(name, shape, Origin.COPY, model, source_name, scale)
+    return PlannedTensor(name, shape, Origin.COPY, model, source_name, scale, noise_scale=noise)
 
 
 def _expert_mlp(
@@ -53,20 +57,23 @@ def _expert_mlp(
     names: tuple[str, str, str],
     intermediate: int,
 ) -> list[PlannedTensor]:
-    """gate/up [I, H] and down [H, I] of one expert at one layer; residual_scale multiplies down."""
+    """gate/up [I, H] and down [H, I] of one expert at one layer; noise_scale perturbs all three (as mergekit),
+    residual_scale multiplies down."""
     dense = expert.arch.dense_mlp
     assert dense is not None
     hidden = sources.hidden_size
+    noise = expert.entry.noise_scale or 0.0
     gate_name, up_name, down_name = names
     return [
-        _copy(expert.model, expert.arch.layer_name(layer, dense.gate), gate_name, (intermediate, hidden)),
-        _copy(expert.model, expert.arch.layer_name(layer, dense.up), up_name, (intermediate, hidden)),
+        _copy(expert.model, expert.arch.layer_name(layer, dense.gate), gate_name, (intermediate, hidden), 1.0, noise),
+        _copy(expert.model, expert.arch.layer_name(layer, dense.up), up_name, (intermediate, hidden), 1.0, noise),
         _copy(
             expert.model,
             expert.arch.layer_name(layer, dense.down),
             down_name,
             (hidden, intermediate),
             expert.entry.residual_scale,
+            noise,
         ),
     ]
 

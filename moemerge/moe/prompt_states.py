@@ -28,8 +28,14 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
     return tokenizer
 
 
+def with_bos(tokenizer, prompt: str) -> str:
+    """The prompt as mergekit-moe tokenizes it: the BOS token's text prepended, no other special tokens added."""
+    return (tokenizer.bos_token or "") + prompt
+
+
 def _tokenize(tokenizer, prompts: Sequence[str], what: str) -> dict[str, torch.Tensor]:
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    text = [with_bos(tokenizer, prompt) for prompt in prompts]
+    batch = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False)
     empty = (batch["attention_mask"].sum(dim=1) == 0).nonzero()
     if len(empty):
         raise ConfigError(f"{what}: prompt {prompts[int(empty[0])]!r} has no tokens")
@@ -122,7 +128,7 @@ class EmbeddingReader:
         """[hidden]: the sum of the embeddings of every real token of every prompt."""
         total = torch.zeros(self.embeddings.shape[1])
         for prompt in prompts:
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer(with_bos(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
             if not ids:
                 raise ConfigError(f"{what}: prompt {prompt!r} has no tokens")
             total += self.embeddings[torch.tensor(ids)].sum(dim=0)

@@ -51,6 +51,8 @@ class MoeSources:
 
 def infer_architecture(recipe: MoeRecipe, base_type: str) -> str:
     """The recipe's architecture, or the one the base model implies (mergekit-moe's rules)."""
+    if recipe.architecture == "qwen":  # mergekit-moe's docs' value: its Qwen3 output for a Qwen3 base, else Qwen2-MoE
+        return "qwen3_moe" if base_type == "qwen3" else "qwen2_moe"
     if recipe.architecture:
         return recipe.architecture
     if recipe.shared_experts:

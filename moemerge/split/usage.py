@@ -10,6 +10,7 @@ routing weights, and the sum of routing weight × ‖expert output‖ over the t
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,24 @@ class RouterUsage:
             "mean_routing_weight": self.mean_routing_weight.tolist(),
             "reap": self.reap.tolist(),
             "mean_shared_expert_gate": self.mean_shared_gate.tolist(),
+            # the raw sums, so that `--usage` restores these statistics exactly
+            "weight_sums": self.weight_sums.tolist(),
+            "reap_sums": self.reap_sums.tolist(),
+            "shared_gate_sums": self.shared_gate_sums.tolist(),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RouterUsage:
+        """The statistics a report's JSON holds (its `to_dict`); KeyError/ValueError if it is not one."""
+        tensor = functools.partial(torch.tensor, dtype=torch.float64)
+        return cls(
+            counts=tensor(data["counts"]),
+            weight_sums=tensor(data["weight_sums"]),
+            reap_sums=tensor(data["reap_sums"]),
+            shared_gate_sums=tensor(data["shared_gate_sums"]),
+            tokens=int(data["tokens"]),
+            moe_layers=[int(layer) for layer in data["moe_layers"]],
+        )
 
 
 def read_calibration_text(path: Path) -> str:

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import torch
 
+from moemerge.architectures import layer_of
 from moemerge.config.merge_recipe import MergeRecipe
 from moemerge.executor import OutputTensor, checked_output, write_outputs
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
-from moemerge.methods.registry import BlockSource
+from moemerge.io.summary import format_table
+from moemerge.methods.registry import BlockSource, Params
+from moemerge.methods.rounding import round_once
 from moemerge.plan.dense_plan import MergePlan, TensorInput, TensorMerge
+from moemerge.sizes import format_bytes
 from moemerge.vocab.output import write_generation_config, write_tokenizer
 from moemerge.vocab.rows import align_rows
 
@@ -75,7 +79,7 @@ def merge_tensor(
         tensors = [fit_rows(tensor, rows, filler) for tensor in tensors]
     generator = _generator(plan, merge, options)
     merged = plan.method.merge(tensors, base, merge.model_params, merge.method_params, generator)
-    merged = merged.to(plan.math_dtype)  # rounded once to the math dtype, as mergekit rounds
+    merged = round_once(merged, plan.math_dtype)  # rounded once to the math dtype
     return checked_output(merge.spec, merged, options.allow_nonfinite)  # cast, with an overflow told from a NaN
 
 
@@ -135,7 +139,7 @@ def merge_in_two_passes(plan: MergePlan, merge: TensorMerge, pool: ModelPool, op
     for first_entry, base, tensors in source.blocks():
         block = two_pass.merge_block(tensors, base, merge.model_params, merge.method_params, stats, first_entry)
         first_row = first_entry // source.row_numel
-        block = checked_output(merge.spec, block.to(plan.math_dtype), options.allow_nonfinite)
+        block = checked_output(merge.spec, round_once(block, plan.math_dtype), options.allow_nonfinite)
         out[first_row : first_row + block.shape[0]].copy_(block)
     return out
 
@@ -163,8 +167,8 @@ def row_blocks(plan: MergePlan, merge: TensorMerge) -> list[tuple[int, int] | No
     return _row_ranges(merge.spec.shape)
 
 
-def describe_plan(plan: MergePlan) -> str:
-    """The --dry-run summary: what will be read, how, and how big the output and working set are."""
+def describe_plan(plan: MergePlan, *, per_tensor: bool = False) -> str:
+    """The --dry-run plan: what is read, the parameters resolved per layer (per tensor with -v), sizes, memory."""
 
     def largest_unit(merge: TensorMerge) -> int:  # entries merged at once: the tensor, or its largest row block
         blocks = row_blocks(plan, merge)
@@ -177,17 +181,66 @@ def describe_plan(plan: MergePlan) -> str:
     largest = max((largest_unit(merge) for merge in plan.merges), default=0)
     inputs_per_tensor = max((len(merge.inputs) + (merge.base is not None) for merge in plan.merges), default=0)
     peak = largest * plan.math_dtype.itemsize * (inputs_per_tensor + 2)
+    saved = sorted({str(merge.spec.dtype).removeprefix("torch.") for merge in plan.merges})
+    base = next((merge.base.model for merge in plan.merges if merge.base), None)
     lines = [
-        f"method: {plan.method.name}",
+        f"method: {plan.method.name}" + (f", base model: {base}" if base else ""),
         f"models: {', '.join(plan.models)}",
         f"reference (config, tokenizer): {plan.reference}",
         *_vocabulary_lines(plan),
-        f"output tensors: {len(plan.merges)} in {plan.layer_count} layers",
-        f"output size: {plan.output_bytes / 1e9:.3f} GB",
-        f"math dtype: {str(plan.math_dtype).removeprefix('torch.')}",
-        f"estimated peak memory for tensors: {peak / 1e9:.3f} GB (largest block x {inputs_per_tensor + 2}, per worker)",
+        f"output: {len(plan.merges)} tensors in {plan.layer_count} layers, {format_bytes(plan.output_bytes)} "
+        f"({', '.join(saved)}); math in {str(plan.math_dtype).removeprefix('torch.')}",
+        f"estimated peak memory for tensors: {format_bytes(peak)} per worker (largest block x {inputs_per_tensor + 2})",
+        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + parameter_table(plan, per_tensor=per_tensor))
+
+
+def _values(params: list[Params]) -> str:
+    """`weight=0.5 density=0.3..0.7`: each parameter's value, or its range over the tensors of a row."""
+    values: dict[str, list] = {}
+    for param in params:
+        for key, value in param.model_dump(by_alias=True).items():
+            values.setdefault(key, []).append(value)
+    parts = []
+    for key, seen in values.items():
+        distinct = list(dict.fromkeys(seen))
+        if len(distinct) == 1:
+            parts.append(f"{key}={_number(distinct[0])}")
+        elif all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in distinct):
+            parts.append(f"{key}={_number(min(distinct))}..{_number(max(distinct))}")
+        else:
+            parts.append(f"{key}={'/'.join(_number(value) for value in distinct)}")
+    return " ".join(parts) or "-"
+
+
+def _number(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def parameter_table(plan: MergePlan, *, per_tensor: bool = False) -> list[str]:
+    """One row per layer (and one for the tensors outside the layers): size and each model's resolved parameters."""
+    groups: dict[str, list[TensorMerge]] = {}
+    for merge in plan.merges:
+        layer = layer_of(merge.spec.name)
+        key = merge.spec.name if per_tensor else ("-" if layer is None else str(layer))
+        groups.setdefault(key, []).append(merge)
+    models = list(dict.fromkeys(item.model for merge in plan.merges for item in merge.inputs))
+    header = ["tensor" if per_tensor else "layer", "tensors", "size", *models, "method"]
+    rows = [header]
+    for key, merges in groups.items():
+        row = [key, str(len(merges)), format_bytes(sum(merge.spec.nbytes for merge in merges))]
+        for model in models:
+            params = [
+                params
+                for merge in merges
+                for item, params in zip(merge.inputs, merge.model_params, strict=True)
+                if item.model == model
+            ]
+            row.append(_values(params) if params else "(not merged)")
+        row.append(_values([merge.method_params for merge in merges]))
+        rows.append(row)
+    return format_table(rows)
 
 
 def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> list[OutputTensor]:
