@@ -10,13 +10,13 @@ import torch
 
 from moemerge.architectures import layer_of
 from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
+from moemerge.dense_merge import tensor_seed
 from moemerge.executor import OutputTensor, write_outputs
 from moemerge.io.loader import ModelPool
 from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.summary import Stage, format_table, no_stage
 from moemerge.io.writer import TensorSpec
-from moemerge.merge import tensor_seed
 from moemerge.moe.config import moe_config
 from moemerge.moe.gates import Gates, compute_gates
 from moemerge.moe.plan import Origin, PlannedTensor, plan_moe
