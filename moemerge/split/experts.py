@@ -19,7 +19,11 @@ from moemerge.errors import MoemergeError, TensorError
 from moemerge.io.loader import LazyModel
 
 Part = Literal["gate", "up", "down"]
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # transformers aliases one to the other per model
+EXPERT_COUNT_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+)  # transformers aliases one to the other per model
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,8 @@ class FusedNames:
 
 def _fused_prefixes(moe: MoeLayout) -> list[str]:
     """Module prefixes the fused experts may sit under: the table's, and v5's `mlp.` rename of Mixtral's."""
-    prefix = moe.expert_gate.split("{expert}")[0]  # e.g. "block_sparse_moe.experts."
-    return list(dict.fromkeys([prefix, "mlp.experts."]))
+    prefixes = [fused.gate_up.removesuffix("gate_up_proj") for fused in moe.fused]
+    return list(dict.fromkeys([*prefixes, "mlp.experts."]))
 
 
 class MoeSource:

@@ -9,6 +9,8 @@ surviving weights grow a little even for such tokens.
 
 from __future__ import annotations
 
+import logging
+
 from moemerge.architectures import Role
 from moemerge.errors import MoemergeError
 from moemerge.executor import OutputTensor
@@ -16,6 +18,7 @@ from moemerge.io.writer import TensorSpec
 from moemerge.split.dense import in_layer_order
 from moemerge.split.experts import EXPERT_COUNT_KEYS, MoeSource
 
+log = logging.getLogger(__name__)
 SHARED_ROLES = (Role.SHARED_EXPERT, Role.SHARED_EXPERT_GATE)  # always on, kept as they are
 
 
@@ -45,6 +48,16 @@ def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTen
                 lambda router=router, experts=experts: model.read(router)[experts].contiguous(),
             )
         )
+        for suffix in (source.moe.router_bias, source.moe.correction_bias):
+            # per-expert router vectors (GPT-OSS's logit bias, DeepSeek-V3's score-correction bias) keep the same rows
+            name = source.arch.layer_name(layer, suffix) if suffix else None
+            if name is not None and model.has(name):
+                outputs.append(
+                    OutputTensor(
+                        TensorSpec(name, (len(experts),), model.dtype(name)),
+                        lambda name=name, experts=experts: model.read(name)[experts].contiguous(),
+                    )
+                )
         for new_index, old_index in enumerate(experts):
             for part in ("gate", "up", "down"):
                 spec = TensorSpec(
@@ -67,4 +80,9 @@ def pruned_config(source: MoeSource, count: int) -> dict:
     for key in keys:
         config[key] = count
     config[source.moe.experts_per_token_key] = min(source.experts_per_token, count)
+    if int(config.get("n_group") or 1) > 1:
+        # Kept experts need not fill the groups evenly, so group-limited routing (DeepSeek, GLM-4-MoE) cannot carry
+        # over: the pruned router picks its top-k among all kept experts.
+        log.warning("n_group %s: the pruned router chooses among all kept experts (n_group 1)", config["n_group"])
+        config["n_group"], config["topk_group"] = 1, 1
     return config
