@@ -176,10 +176,52 @@ def recipes(models: Path, math_dtype: str = "float32") -> dict[str, tuple[str, s
             f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n{sparse}parameters: {{normalize: true}}\n{math}",
         ),
         "moe": ("moe", f"base_model: {models / 'expert-1'}\ngate_mode: random\ndtype: bfloat16\nexperts:\n{experts}"),
+        # the methods added for mergekit parity (issue 8), same model set and dtypes
+        "della": (
+            "yaml",
+            f"merge_method: della\nbase_model: {base}\nmodels:\n"
+            f"{listed(['weight: 1.0, density: 0.5, epsilon: 0.1'] * 3)}{math}",
+        ),
+        "della_linear": (
+            "yaml",
+            f"merge_method: della_linear\nbase_model: {base}\nmodels:\n"
+            f"{listed(['weight: 0.5, density: 0.5'] * 3)}{math}",
+        ),
+        "model_stock": ("yaml", f"merge_method: model_stock\nbase_model: {base}\nmodels:\n{listed([''] * 3)}{math}"),
+        "nuslerp": (
+            "yaml",
+            f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n"
+            f"  - model: {fine_tunes[0]}\n    parameters: {{weight: 0.6}}\n"
+            f"  - model: {fine_tunes[1]}\n    parameters: {{weight: 0.4}}\n{math}",
+        ),
+        "multislerp": (
+            "yaml",
+            f"merge_method: multislerp\nmodels:\n{listed(['weight: 1.0', 'weight: 0.5', 'weight: 0.5'])}{math}",
+        ),
+        "karcher": ("yaml", f"merge_method: karcher\nmodels:\n{listed([''] * 3)}{math}"),
+        "sce": (
+            "yaml",
+            f"merge_method: sce\nbase_model: {base}\nmodels:\n{listed([''] * 3)}parameters: {{select_topk: 0.5}}\n"
+            f"{math}",
+        ),
+        "nearswap": (
+            "yaml",
+            f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {fine_tunes[0]}\n"
+            f"parameters: {{t: 0.001}}\n{math}",
+        ),
+        "arcee_fusion": (
+            "yaml",
+            f"merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {fine_tunes[0]}\n{math}",
+        ),
+        "ram": ("yaml", f"merge_method: ram\nbase_model: {base}\nmodels:\n{listed([''] * 3)}{math}"),
+        "ramplus_tl": ("yaml", f"merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n{listed([''] * 3)}{math}"),
     }
 
 
-COMPARED = ("linear", "task_arithmetic", "ties", "slerp")  # deterministic methods: tensors must match mergekit's
+# deterministic methods: tensors must match mergekit's (arcee_fusion only up to mergekit's sampled quartiles on
+# tensors above 10⁶ entries)
+COMPARED = ("linear", "task_arithmetic", "ties", "slerp", "model_stock", "nuslerp", "multislerp", "karcher", "sce")
+COMPARED += ("nearswap", "arcee_fusion", "ram", "ramplus_tl")
 
 
 # ---------------------------------------------------------------- measuring

@@ -2,6 +2,7 @@
 
 toy-models/base, coder, math, story:                      Llama-style; the last three are base + small deltas
 toy-models/mistral-base, mistral-coder, -math, -story:    Mistral-style, for the MoE example
+toy-models/qwen2-base, qwen2-coder, qwen2-story (and qwen3-): for configs/moe-qwen2.yml and moe-qwen3.yml
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def make_all(root: Path) -> Path:
             folder = root / f"{prefix}{name}"
             if not (folder / "config.json").is_file():
                 make_toy_model(folder, family, seed=seed, base=base, delta_scale=0.05)
+    for family in ("qwen2", "qwen3"):
+        base = root / f"{family}-base"
+        if not (base / "config.json").is_file():
+            make_toy_model(base, family, seed=30)
+        for name, seed in (("coder", 31), ("story", 32)):
+            folder = root / f"{family}-{name}"
+            if not (folder / "config.json").is_file():
+                make_toy_model(folder, family, seed=seed, base=base, delta_scale=0.5)
     return root
 
 

@@ -27,8 +27,9 @@ def resolve_model(reference: str) -> Path:
         shown = reference if len(reference) <= 80 else f"{reference[:40]}... ({len(reference)} characters)"
         raise ModelNotFoundError(f"model {shown!r}: {error.strerror or error}") from None
     repo_id, revision = split_revision(reference)
+    no_folder = f"model {reference!r} not found: no such folder under {Path.cwd()} (recipe paths are relative to it)"
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise ModelNotFoundError(f"model {reference!r} not found: no such folder, and not an 'org/name' repo id")
+        raise ModelNotFoundError(f"{no_folder}, and not an 'org/name' Hugging Face repo id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -37,6 +38,6 @@ def resolve_model(reference: str) -> Path:
         return Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline)
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
-        where = "the local Hugging Face cache" if offline else "the local cache or the hub"
-        raise ModelNotFoundError(f"model {reference!r} not found in {where}: {error.__class__.__name__}") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        where = "in the local Hugging Face cache" if offline else "in the local Hugging Face cache or on the hub"
+        raise ModelNotFoundError(f"{no_folder}; no repo {repo_id!r} {where} either") from None
