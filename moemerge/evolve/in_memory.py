@@ -16,18 +16,9 @@ class MergedModel:
 
 
 def merge_in_memory(recipe: dict, *, random_seed: int = 0) -> MergedModel:
-    """Plan and run a dense recipe (a plain dict) tensor by tensor into memory, as `moemerge-yaml` would write it."""
-    from moemerge.config.merge_recipe import parse_merge_recipe
-    from moemerge.dense_merge import RunOptions, merge_tensor
-    from moemerge.io.loader import ModelPool
-    from moemerge.plan.dense_plan import plan_merge
+    """A dense recipe (a plain dict) merged into memory through the Python API, as `moemerge-yaml` would write it."""
+    from moemerge.api import merge_state_dict, plan_merge
 
-    parsed = parse_merge_recipe(recipe, "recipe")
-    pool = ModelPool()
-    plan = plan_merge(parsed, pool)
-    options = RunOptions(random_seed=random_seed, progress=False)
-    state = {merge.spec.name: merge_tensor(plan, merge, pool, options) for merge in plan.merges}
-    config = dict(plan.config)
-    if parsed.saved_dtype is not None:
-        state = {name: tensor.to(parsed.saved_dtype) for name, tensor in state.items()}
-    return MergedModel(state, config, plan.tokenizer_folder)
+    plan = plan_merge(recipe)
+    state = merge_state_dict(plan, random_seed=random_seed)  # each tensor as the file would hold it
+    return MergedModel(state, dict(plan.config), plan.tokenizer_folder)
