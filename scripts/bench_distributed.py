@@ -50,9 +50,7 @@ def merge_rows(models: Path, work: Path) -> list[dict]:
         for executor in ("local", "ray"):
             out = work / f"out-{name}-{executor}"
             command = [
-                sys.executable,
-                "-m",
-                "moemerge.cli.yaml_command",
+                *entry_point("yaml_command"),
                 str(recipe),
                 str(out),
                 "--quiet",
@@ -100,9 +98,7 @@ def evolve_rows(models: Path, work: Path, generations: int) -> list[dict]:
         started = time.perf_counter()
         subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "moemerge.cli.evolve_command",
+                *entry_point("evolve_command"),
                 str(work / "evolve.yml"),
                 str(out),
                 "--population",
