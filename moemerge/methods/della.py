@@ -19,8 +19,9 @@ from functools import partial
 import torch
 from pydantic import Field, model_validator
 
+from moemerge.methods.dare import merge_block  # the same masked, rescaled block merge as DARE's
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
-from moemerge.methods.sparsify import RandomCut, apply_random_cut, l1_norm, rescale_l1
+from moemerge.methods.sparsify import RandomCut, l1_norm, rescale_l1
 from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
 RANK_ROWS = 4096  # rows ranked at once: bounds the int64 sort buffers to a few blocks' worth
@@ -150,27 +151,6 @@ def statistics(
         factor = l1_before / l1_kept if method_params.rescale and l1_kept > 0.0 else 1.0
         cuts.append(RandomCut(keep=keep, factor=factor))
     return cuts
-
-
-def merge_block(
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    model_params: Sequence[DellaModelParams],
-    method_params: DellaParams | DellaLinearParams,
-    cuts: Sequence[RandomCut],
-    first_entry: int,
-    *,
-    sign_consensus: bool,
-) -> torch.Tensor:
-    """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum."""
-    return merge_sparsified(
-        tensors,
-        base,
-        model_params,
-        method_params,
-        lambda index, delta: apply_random_cut(delta, cuts[index], first_entry),
-        sign_consensus=sign_consensus,
-    )
 
 
 for name, params, sign_consensus in (("della", DellaParams, True), ("della_linear", DellaLinearParams, False)):
