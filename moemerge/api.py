@@ -320,6 +320,7 @@ def split(
     allow_nonfinite: bool = False,
     progress: bool = True,
     dry_run: bool = False,
+    verbose_plan: bool = False,
 ) -> WriteSummary | str:
     """Take experts out of an MoE as dense models, or prune it (what `moemerge-split` does); dry_run returns the plan.
 
@@ -352,7 +353,7 @@ def split(
         max_memory=memory,
         workers=workers,
     )
-    result = split_model(str(model), Path(out), options, dry_run=dry_run, stage=clock.stage)
+    result = split_model(str(model), Path(out), options, dry_run=dry_run, per_tensor=verbose_plan, stage=clock.stage)
     if isinstance(result, str):
         return result
     return clock.summary(Path(out))

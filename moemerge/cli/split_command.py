@@ -101,7 +101,8 @@ def main(
 ) -> None:
     """Take experts out of the MoE at MODEL and write them to OUT.
 
-    With --dry-run, print the per-layer plan (after the calibration pass, and its --report, when asked).
+    With --dry-run, print the per-layer plan (per tensor with -v), after the calibration pass and its --report
+    when asked.
     """
     from moemerge.api import split
 
@@ -129,6 +130,7 @@ def main(
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         dry_run=dry_run,
+        verbose_plan=verbose,
     )
     if dry_run or not quiet:
         click.echo(str(result))

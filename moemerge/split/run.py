@@ -27,6 +27,7 @@ from moemerge.io.model_folder import (
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.summary import Stage, no_stage
 from moemerge.split.dense import LayerMix, dense_config, dense_model_type, mix_width, plan_dense
+from moemerge.split.describe import describe_split
 from moemerge.split.experts import MoeSource
 from moemerge.split.prune import check_prune_count, plan_pruned, pruned_config
 from moemerge.split.report import require_matplotlib, write_report
@@ -198,11 +199,18 @@ def plan_split(prepared: PreparedSplit, usage: RouterUsage | None) -> list[Split
 
 
 def split_model(
-    model: str, out: Path, options: SplitOptions, *, dry_run: bool = False, stage: Stage = no_stage
+    model: str,
+    out: Path,
+    options: SplitOptions,
+    *,
+    dry_run: bool = False,
+    per_tensor: bool = False,
+    stage: Stage = no_stage,
 ) -> str | Path:
     """Write what `options` asks for to `out` (atomically); with dry_run, return the plan as text instead.
 
-    `stage` times the named stages (calibration, plan, write) for -v.
+    `per_tensor` makes the dry-run table one row per tensor instead of per layer; `stage` times the named stages
+    (calibration, plan, write) for -v.
     """
     prepared = prepare_split(model, options)
     if not dry_run:
@@ -215,9 +223,10 @@ def split_model(
         selection_summary = {o.folder_name or "out": o.layers for o in outputs}
         json_file = write_report(options.report, usage, model_label=model, selection=selection_summary)
         log.info("usage report: %s and %s", options.report, json_file)
+    score = options.score if prepared.mode == "prune-to" else None
     if dry_run:
-        return describe_split(prepared.source, outputs, Path(out))
-    log.debug("plan:\n%s", describe_split(prepared.source, outputs, Path(out)))
+        return describe_split(prepared.source, outputs, Path(out), usage, score=score, per_tensor=per_tensor)
+    log.debug("plan:\n%s", describe_split(prepared.source, outputs, Path(out), usage, score=score))
     with stage("write"), staged_output(out, options.overwrite) as staging:
         for output in outputs:
             _write(prepared, output, staging / output.folder_name if output.folder_name else staging)
@@ -343,23 +352,3 @@ def _write(prepared: PreparedSplit, output: SplitOutput, folder: Path) -> None:
         recipe_text=recipe_text,
         extra_tags=["moemerge-split", "moe" if output.mode == "prune" else "dense"],
     )
-
-
-def describe_split(source: MoeSource, outputs: list[SplitOutput], out: Path) -> str:
-    """The --dry-run plan: the MoE, then per output folder its size and what each layer takes."""
-    lines = [
-        f"{source.model.label}: {source.config.get('model_type')} with {len(source.moe_layers)} MoE layers × "
-        f"{source.num_experts} experts ({source.experts_per_token} per token)"
-        f"{', shared expert' if source.has_shared_expert else ''}"
-        f"{', fused expert tensors' if source.fused else ''}"
-    ]
-    for output in outputs:
-        size = sum(tensor.spec.nbytes for tensor in output.tensors)
-        target = out / output.folder_name if output.folder_name else out
-        lines.append(
-            f"{target}: {output.title}: {output.config.get('model_type')}, {len(output.tensors)} tensors, "
-            f"{size / 1e6:.1f} MB"
-        )
-        for layer, described in output.layers.items():
-            lines.append(f"  layer {layer}: {described}")
-    return "\n".join(lines)
