@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from lora_fixtures import lora_models  # noqa: F401  (session fixture of the LoRA tests)
 from safetensors import safe_open
-from split_fixtures import split_models  # noqa: F401  (session fixture of the moemerge-split tests)
+from split_fixtures import calibrated_prune, split_models  # noqa: F401  (session fixtures of the moemerge-split tests)
 
 from moemerge.toys import make_toy_model
 

@@ -124,3 +124,14 @@ def generates(folder: Path) -> list[int]:
     tokens = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert tokens.shape == (1, 8)
     return tokens[0].tolist()
+
+
+@pytest.fixture(scope="session")
+def calibrated_prune(split_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One calibrated `--prune-to 2 --report` run on the Mixtral: `pruned/`, `usage.png` and the `usage.json` that
+    later runs reuse with `--usage` instead of calibrating again."""
+    root = tmp_path_factory.mktemp("calibrated-prune")
+    result = run_split(split_models["mixtral"], root / "pruned", "--prune-to", 2,
+                       "--calibration", split_models["calibration"], "--report", root / "usage.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root

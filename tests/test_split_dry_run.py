@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import yaml
 from split_fixtures import read_tensors, run_split
 
@@ -35,15 +34,6 @@ def written_bytes(folder) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in read_tensors(folder).values())
 
 
-@pytest.fixture(scope="module")
-def pruned(split_models, tmp_path_factory):
-    """One calibrated --prune-to 2 run with its --report (the usage JSON the dry runs below reuse)."""
-    root = tmp_path_factory.mktemp("split-dry-run")
-    ok(run_split(split_models["mixtral"], root / "pruned", "--prune-to", 2,
-                 "--calibration", split_models["calibration"], "--report", root / "usage.png"))  # fmt: skip
-    return root
-
-
 def test_expert_dry_run_is_a_layer_table_with_the_written_size(split_models, tmp_path):
     output = ok(run_split(split_models["mixtral"], tmp_path / "out", "--expert", 2, "--dry-run"))
     assert not (tmp_path / "out").exists()
@@ -57,27 +47,27 @@ def test_expert_dry_run_is_a_layer_table_with_the_written_size(split_models, tmp
     assert f"mistral, 39 tensors, {size} (float32)" in output
 
 
-def test_prune_dry_run_lists_kept_and_dropped_experts_per_layer(split_models, pruned, tmp_path):
-    output = ok(run_split(split_models["mixtral"], tmp_path / "out", "--prune-to", 2, "--usage", pruned / "usage.json",
-                          "--dry-run"))  # fmt: skip
+def test_prune_dry_run_lists_kept_and_dropped_experts_per_layer(split_models, calibrated_prune, tmp_path):
+    output = ok(run_split(split_models["mixtral"], tmp_path / "out", "--prune-to", 2,
+                          "--usage", calibrated_prune / "usage.json", "--dry-run"))  # fmt: skip
     assert "{" not in output and "kept experts" in output and "dropped experts" in output
     table = rows(output)
-    for layer, described in recipe_layers(pruned / "pruned").items():
+    for layer, described in recipe_layers(calibrated_prune / "pruned").items():
         kept = described["kept_experts"]
         dropped = sorted(set(range(4)) - set(kept))
         assert table[str(layer)][3:5] == [", ".join(map(str, kept)), ", ".join(map(str, dropped))]
         assert table[str(layer)][5].endswith("%")
-    assert table["total"][2] == format_bytes(written_bytes(pruned / "pruned"))
+    assert table["total"][2] == format_bytes(written_bytes(calibrated_prune / "pruned"))
     assert "calibration: 708 tokens; experts ranked by reap" in output
 
 
-def test_prune_dry_run_per_tensor_names_each_kept_expert(split_models, pruned, tmp_path):
-    output = ok(run_split(split_models["mixtral"], tmp_path / "out", "--prune-to", 2, "--usage", pruned / "usage.json",
-                          "--dry-run", "-v"))  # fmt: skip
+def test_prune_dry_run_per_tensor_names_each_kept_expert(split_models, calibrated_prune, tmp_path):
+    output = ok(run_split(split_models["mixtral"], tmp_path / "out", "--prune-to", 2,
+                          "--usage", calibrated_prune / "usage.json", "--dry-run", "-v"))  # fmt: skip
     table = rows(output)
-    written = read_tensors(pruned / "pruned")
+    written = read_tensors(calibrated_prune / "pruned")
     assert set(written) == set(table) - {"total"}
-    for layer, described in recipe_layers(pruned / "pruned").items():
+    for layer, described in recipe_layers(calibrated_prune / "pruned").items():
         for new_index, old_index in enumerate(described["kept_experts"]):
             row = table[f"model.layers.{layer}.block_sparse_moe.experts.{new_index}.w2.weight"]
             assert row[1:5] == ["64×128", "float32", format_bytes(64 * 128 * 4), f"expert {old_index}"]
@@ -89,7 +79,7 @@ def test_prune_dry_run_per_tensor_names_each_kept_expert(split_models, pruned, t
 def test_concat_dry_run_shows_scales_and_the_shared_expert(split_models, tmp_path):
     calibration = split_models["calibration"]
     output = ok(run_split(split_models["qwen2_moe"], tmp_path / "out", "--select", "concat:2", "--calibration",
-                          calibration, "--dry-run"))  # fmt: skip
+                          calibration, "--max-tokens", 64, "--dry-run"))  # fmt: skip
     assert "{" not in output and "shared expert scale" in output
     for layer in range(4):
         cells = rows(output)[str(layer)]

@@ -30,7 +30,7 @@ from moemerge.split.dense import LayerMix, dense_config, dense_model_type, mix_w
 from moemerge.split.describe import describe_split
 from moemerge.split.experts import MoeSource
 from moemerge.split.prune import check_prune_count, plan_pruned, pruned_config
-from moemerge.split.report import require_matplotlib, write_report
+from moemerge.split.report import ReportMarks, require_matplotlib, write_report
 from moemerge.split.select import Selection, experts_to_keep, most_used, parse_select
 from moemerge.split.usage import RouterUsage, collect_usage, read_calibration_text
 
@@ -221,7 +221,14 @@ def split_model(
         outputs = plan_split(prepared, usage)
     if options.report is not None and usage is not None:
         selection_summary = {o.folder_name or "out": o.layers for o in outputs}
-        json_file = write_report(options.report, usage, model_label=model, selection=selection_summary)
+        json_file = write_report(
+            options.report,
+            usage,
+            model_label=model,
+            selection=selection_summary,
+            experts_per_token=prepared.source.experts_per_token,
+            marks=report_marks(outputs),
+        )
         log.info("usage report: %s and %s", options.report, json_file)
     score = options.score if prepared.mode == "prune-to" else None
     if dry_run:
@@ -231,6 +238,18 @@ def split_model(
         for output in outputs:
             _write(prepared, output, staging / output.folder_name if output.folder_name else staging)
     return Path(out)
+
+
+def report_marks(outputs: list[SplitOutput]) -> ReportMarks | None:
+    """What the heatmap outlines: the experts kept per layer (pruning) or joined into the dense MLP (one output)."""
+    if len(outputs) != 1 or outputs[0].mode == "average":
+        return None
+    output = outputs[0]
+    if output.mode == "prune":
+        kept = {layer: described["kept_experts"] for layer, described in output.layers.items()}
+        count = len(next(iter(kept.values()), []))
+        return ReportMarks(f"kept (--prune-to {count})", kept, pruned=True)
+    return ReportMarks("in the dense MLP", {layer: described["experts"] for layer, described in output.layers.items()})
 
 
 def _plan(prepared: PreparedSplit, usage: RouterUsage | None) -> list[SplitOutput]:
