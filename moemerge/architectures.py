@@ -87,6 +87,11 @@ class FusedExperts:
     down: str = "mlp.experts.down_proj"
     orientation: str = "out_in"
     extra: tuple[str, ...] = ()
+    router: str = "mlp.gate.weight"  # the router's name beside experts stored this way
+
+    def names(self) -> tuple[str, ...]:
+        """Every per-expert tensor of this layout (leading dimension: expert)."""
+        return (self.gate_up, self.down, *self.extra)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,13 @@ class MoeLayout:
     # The dense architecture one expert becomes; None where transformers has no dense twin with the same layer
     # structure (OLMoE is pre-norm, OLMo2 post-norm; DeepSeek's attention is MLA, no dense class has it).
     dense_model_type: str | None = "mistral"
+    # MoE assembly (moemerge-moe): the dense model types this family is built from (same attention, same MLP
+    # names; empty: not an output), mergekit-moe's `architecture:` values that select it, why a given dense
+    # base cannot be used (base model_type, reason), and whether it holds attention/MLP biases.
+    dense_bases: tuple[str, ...] = ()
+    recipe_names: tuple[str, ...] = ()
+    unfit_bases: tuple[tuple[str, str], ...] = ()
+    holds_biases: bool = True
 
     def expert_templates(self) -> tuple[str, str, str] | None:
         if self.expert_gate is None or self.expert_up is None or self.expert_down is None:
@@ -229,8 +241,10 @@ def _layer_role(arch: Architecture, suffix: str) -> Role:
             if _expert_regex(template).match(suffix):
                 return Role.EXPERT
         for fused in moe.fused:
-            if suffix in (fused.gate_up, fused.down, *fused.extra):
+            if suffix in fused.names():
                 return Role.EXPERT
+            if suffix == fused.router:
+                return Role.ROUTER
     if "norm" in suffix or suffix.startswith("ln"):
         return Role.NORM
     if suffix.startswith(MLP_PREFIXES):
@@ -322,10 +336,21 @@ MIXTRAL_MOE = MoeLayout(
     expert_intermediate_key="intermediate_size",
     # transformers 5 renames the block to `mlp` in memory: a state_dict() checkpoint is fused under `mlp.experts.`
     fused=(
-        FusedExperts("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+        FusedExperts(
+            "block_sparse_moe.experts.gate_up_proj",
+            "block_sparse_moe.experts.down_proj",
+            router="block_sparse_moe.gate.weight",
+        ),
         FusedExperts(),
     ),
     dense_model_type="mistral",
+    dense_bases=("llama", "mistral"),
+    recipe_names=("mixtral",),
+    unfit_bases=(
+        ("qwen3", "Mixtral attention has no q_norm/k_norm; use architecture qwen3_moe"),
+        ("qwen2", "Mixtral attention has no q/k/v biases; use architecture qwen2_moe with a shared expert"),
+    ),
+    holds_biases=False,
 )
 
 QWEN_EXPERTS = dict(
@@ -338,7 +363,7 @@ QWEN_EXPERTS = dict(
 )
 
 
-def _qwen_moe(dense_model_type: str | None, shared: bool = False) -> MoeLayout:
+def _qwen_moe(dense_model_type: str | None, shared: bool = False, **assembly) -> MoeLayout:
     return MoeLayout(
         **QWEN_EXPERTS,
         expert_count_key="num_experts",
@@ -354,6 +379,7 @@ def _qwen_moe(dense_model_type: str | None, shared: bool = False) -> MoeLayout:
         dense_layers_key="mlp_only_layers",
         sparse_step_key="decoder_sparse_step",
         dense_model_type=dense_model_type,
+        **assembly,
     )
 
 
@@ -389,6 +415,7 @@ GPT_OSS_MOE = MoeLayout(
         FusedExperts(
             orientation="in_out_interleaved",
             extra=("mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias"),
+            router="mlp.router.weight",
         ),
     ),
     dense_model_type=None,  # clamped SwiGLU with biases: no dense twin
@@ -545,8 +572,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     # Mixtures of experts
     _decoder("mixtral", dense_mlp=None, moe=MIXTRAL_MOE, model_class="MixtralForCausalLM"),
-    _decoder("qwen2_moe", dense_mlp=None, moe=_qwen_moe("qwen2", shared=True), model_class="Qwen2MoeForCausalLM"),
-    _decoder("qwen3_moe", dense_mlp=None, moe=_qwen_moe("qwen3"), model_class="Qwen3MoeForCausalLM"),
+    _decoder(
+        "qwen2_moe",
+        dense_mlp=None,
+        moe=_qwen_moe("qwen2", shared=True, dense_bases=("qwen2",), recipe_names=("qwen2_moe", "qwen")),
+        model_class="Qwen2MoeForCausalLM",
+    ),
+    _decoder(
+        "qwen3_moe",
+        dense_mlp=None,
+        moe=_qwen_moe("qwen3", dense_bases=("qwen3",), recipe_names=("qwen3_moe", "qwen")),
+        model_class="Qwen3MoeForCausalLM",
+    ),
     _decoder("olmoe", dense_mlp=None, moe=_qwen_moe(None), model_class="OlmoeForCausalLM"),
     _decoder(
         "deepseek_v3",
@@ -570,6 +607,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 
 UNKNOWN = Architecture("unknown", (), stacks=(Stack(("*.layers.{layer}.",)),), dense_mlp=None)
+
+
+def moe_outputs() -> tuple[Architecture, ...]:
+    """The MoE families moemerge-moe can write (those built from dense bases), in table order."""
+    return tuple(arch for arch in ARCHITECTURES if arch.moe is not None and arch.moe.dense_bases)
+
+
+def expert_count_keys() -> tuple[str, ...]:
+    """Every config key some family keeps its number of routed experts under (transformers aliases them)."""
+    return tuple(dict.fromkeys(arch.moe.expert_count_key for arch in ARCHITECTURES if arch.moe is not None))
 
 
 def find_architecture(model_type: str | None) -> Architecture | None:

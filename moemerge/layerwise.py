@@ -389,10 +389,11 @@ def token_losses(runner: LayerwiseModel, batches: Sequence[Batch], **run_options
 
 
 def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The layer's sparse MoE block (transformers v5: a module with a `gate` router and fused `experts`)."""
+    """The layer's sparse MoE block (transformers v5: a module with a `gate` router, GPT-OSS's `router`, and fused
+    `experts`)."""
     for name in ("mlp", "block_sparse_moe"):
         block = getattr(layer, name, None)
-        if block is not None and hasattr(block, "gate") and hasattr(block, "experts"):
+        if block is not None and (hasattr(block, "gate") or hasattr(block, "router")) and hasattr(block, "experts"):
             return block
     return None
 

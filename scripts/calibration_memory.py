@@ -44,16 +44,17 @@ WHOLE_MODEL = """
 import sys, time, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from moemerge.layerwise import equal_batches, moe_block
-from moemerge.split.usage import RouterUsage, _RouterRecorder, calibration_chunks, tokenize_until
+from moemerge.architectures import find_architecture
+from moemerge.layerwise import equal_batches
+from moemerge.split.usage import RouterUsage, calibration_chunks, record_router, tokenize_until, usage_rule
 folder, text, tokens = Path(sys.argv[1]), Path(sys.argv[2]).read_text(), int(sys.argv[3])
 started = time.perf_counter()
 chunks = calibration_chunks(tokenize_until(AutoTokenizer.from_pretrained(folder), text, tokens), 256, tokens)
 model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
 usage = RouterUsage.empty(len(model.model.layers), 128)
+moe = find_architecture(model.config.model_type).moe
 for index, layer in enumerate(model.model.layers):
-    block = moe_block(layer)
-    block.gate.register_forward_hook(_RouterRecorder(usage, index, block))
+    record_router(usage, index, layer, moe, usage_rule(model.config.to_dict(), moe))
 with torch.no_grad():
     for batch in equal_batches(chunks, 8):
         model(input_ids=batch.input_ids, use_cache=False)

@@ -65,6 +65,39 @@ def _zero_routers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+DEEPSEEK_V3 = dict(
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    num_key_value_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+# intermediate 24: gate_up is [E, 64, 48], so a transposed or de-interleaved read cannot pass by accident
+GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, sliding_window=8)
+
+
+def _seeded_biases(*suffixes: str, seed: int, scale: float):
+    """An edit giving every tensor ending in one of `suffixes` seeded values (transformers initialises them to 0)."""
+
+    def edit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        for name in sorted(tensors):
+            if name.endswith(suffixes):
+                tensors[name] = torch.randn(tensors[name].shape, generator=generator) * scale
+        return tensors
+
+    return edit
+
+
 def _fused_copy(source: Path, target: Path) -> Path:
     """The same model saved from transformers' in-memory (fused v5) state_dict with safetensors directly."""
     from transformers import AutoModelForCausalLM
@@ -96,6 +129,12 @@ def split_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     models["olmoe"] = make_toy_model(root / "olmoe", "olmoe", seed=45, num_experts=4, num_experts_per_tok=2)
     models["llama"] = make_toy_model(root / "llama", "llama", seed=46)
+    models["deepseek_v3"] = make_toy_model(root / "deepseek-v3", "deepseek_v3", seed=47, **DEEPSEEK_V3)
+    # a score-correction bias large enough to change choices, and which group wins
+    rewrite_tensors(models["deepseek_v3"], _seeded_biases("e_score_correction_bias", seed=48, scale=0.02))
+    models["gpt_oss"] = make_toy_model(root / "gpt-oss", "gpt_oss", seed=49, **GPT_OSS)
+    rewrite_tensors(models["gpt_oss"], _seeded_biases("proj_bias", seed=50, scale=0.5))
+    rewrite_tensors(models["gpt_oss"], _seeded_biases("router.bias", seed=51, scale=0.05))
     calibration = root / "calibration.txt"
     calibration.write_text((TOY_TEXT + "\n") * 3)
     models["calibration"] = calibration

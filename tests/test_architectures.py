@@ -67,3 +67,40 @@ def test_layer_count_reads_the_configured_key():
     assert layer_count({"num_hidden_layers": 5}, find_architecture("llama")) == 5
     with pytest.raises(MoemergeError, match="num_hidden_layers"):
         layer_count({}, find_architecture("llama"))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shared", "base_type", "expected"),
+    [
+        (None, False, "llama", "mixtral"),
+        (None, False, "mistral", "mixtral"),
+        (None, False, "qwen3", "qwen3_moe"),
+        (None, False, "qwen2", "qwen2_moe"),  # no shared-expert-free output fits a Qwen2 base
+        (None, True, "qwen2", "qwen2_moe"),
+        (None, True, "llama", "qwen2_moe"),  # refused later: qwen2_moe is built from qwen2 models
+        ("qwen", False, "qwen3", "qwen3_moe"),
+        ("qwen", True, "qwen2", "qwen2_moe"),
+        ("qwen", False, "llama", "qwen2_moe"),
+        ("mixtral", False, "qwen3", "mixtral"),  # refused later with the table's reason (q_norm/k_norm)
+    ],
+)
+def test_moe_output_family_is_read_from_the_table(architecture, shared, base_type, expected):
+    """mergekit-moe's choice of output family, from the table's dense_bases / recipe_names / shared experts."""
+    from moemerge.config.moe_recipe import parse_moe_recipe
+    from moemerge.moe.sources import infer_architecture
+
+    recipe = {"base_model": "base", "gate_mode": "random", "experts_per_token": 1, "experts": [{"source_model": "a"}]}
+    if architecture:
+        recipe["architecture"] = architecture
+    if shared:
+        recipe["shared_experts"] = [{"source_model": "s"}]
+    assert infer_architecture(parse_moe_recipe(recipe), base_type).name == expected
+
+
+def test_fused_router_names_are_table_data():
+    """A checkpoint saved from transformers' in-memory state keeps its router beside the fused experts."""
+    mixtral, gpt_oss = find_architecture("mixtral"), find_architecture("gpt_oss")
+    assert mixtral.role_of("model.layers.0.mlp.gate.weight") is Role.ROUTER
+    assert mixtral.role_of("model.layers.0.mlp.experts.gate_up_proj") is Role.EXPERT
+    assert gpt_oss.role_of("model.layers.0.mlp.router.bias") is Role.ROUTER
+    assert gpt_oss.role_of("model.layers.0.mlp.experts.down_proj_bias") is Role.EXPERT

@@ -19,28 +19,57 @@ from moemerge.moe.prompt_states import HiddenStateReader, _tokenize, load_tokeni
 from moemerge.moe.router import pool_prompts
 from moemerge.split.usage import (
     RouterUsage,
-    _RouterRecorder,
+    _expert_output_norms,
     calibration_chunks,
     collect_usage,
     tokenize_until,
 )
 
-FAMILIES = ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe"]
+# deepseek_v3: sigmoid router, seeded score-correction bias, 2 groups (1 chosen), routed_scaling_factor 2.5, layer 0
+# dense; gpt_oss: seeded router bias, top-k then softmax, clamped SwiGLU experts with seeded biases
+FAMILIES = ["mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+MOE_LAYERS = {"deepseek_v3": [1, 2, 3]}
+# a token's routing weights add up to this where the rule normalises them (times routed_scaling_factor)
+WEIGHT_PER_TOKEN = {"mixtral": 1.0, "mixtral_fused": 1.0, "qwen2_moe": 1.0, "deepseek_v3": 2.5, "gpt_oss": 1.0}
 SEQ_LEN, MAX_TOKENS, BATCH = 16, 56, 2  # batches of 2 × 16 and 1 × 16 tokens, then a short chunk of 8
 
 
+class TransformersDecisions:
+    """The reference recorder: the experts and weights transformers' own router returns (v5 routers return
+    `(logits, weights, indices)`), not moemerge's routing rules."""
+
+    def __init__(self, usage: RouterUsage, layer: int, block: torch.nn.Module):
+        self.usage, self.layer, self.block = usage, layer, block
+
+    @torch.no_grad()
+    def __call__(self, _module, inputs: tuple, output: tuple) -> None:
+        hidden = inputs[0].reshape(-1, inputs[0].shape[-1])
+        _, weights, indices = output
+        usage, layer = self.usage, self.layer
+        for expert in indices.unique().tolist():
+            rows, slot = torch.where(indices == expert)
+            usage.counts[layer, expert] += len(rows)
+            usage.weight_sums[layer, expert] += weights[rows, slot].double().sum()
+            norms = _expert_output_norms(self.block.experts, expert, hidden[rows])
+            usage.reap_sums[layer, expert] += (weights[rows, slot].double() * norms.double()).sum()
+        shared_gate = getattr(self.block, "shared_expert_gate", None)
+        if shared_gate is not None:
+            usage.shared_gate_sums[layer] += torch.sigmoid(shared_gate(hidden).float()).double().sum()
+
+
 @torch.no_grad()
-def whole_model_usage(folder, text: str) -> RouterUsage:
-    """The reference: the whole model loaded by transformers, the same recorder hooked on every router."""
+def whole_model_usage(folder, text: str, experts: int = 4) -> RouterUsage:
+    """The reference: the whole model loaded by transformers, its own routing decisions recorded on every router."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     chunks = calibration_chunks(tokenize_until(tokenizer, text, MAX_TOKENS), SEQ_LEN, MAX_TOKENS)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
-    usage = RouterUsage.empty(len(model.model.layers), 4)
+    usage = RouterUsage.empty(len(model.model.layers), experts)
     for index, layer in enumerate(model.model.layers):
         block = moe_block(layer)
         if block is not None:
             usage.moe_layers.append(index)
-            block.gate.register_forward_hook(_RouterRecorder(usage, index, block))
+            router = getattr(block, "gate", None) or block.router
+            router.register_forward_hook(TransformersDecisions(usage, index, block))
     for batch in equal_batches(chunks, BATCH):
         model(input_ids=batch.input_ids, use_cache=False)
         usage.tokens += batch.tokens
@@ -53,9 +82,13 @@ def test_layer_by_layer_statistics_equal_the_whole_model_pass(split_models, fami
     expected = whole_model_usage(folder, text)
     options = dict(num_experts=4, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, batch_size=BATCH, progress=False)
     in_memory = collect_usage(folder, text, **options)
+    moe_layers = MOE_LAYERS.get(family, [0, 1, 2, 3])
     assert in_memory.tokens == expected.tokens == MAX_TOKENS
-    assert in_memory.moe_layers == expected.moe_layers == [0, 1, 2, 3]
-    assert torch.equal(in_memory.counts, expected.counts) and expected.counts.sum() == 4 * MAX_TOKENS * 2
+    assert in_memory.moe_layers == expected.moe_layers == moe_layers
+    assert torch.equal(in_memory.counts, expected.counts) and expected.counts.sum() == len(moe_layers) * MAX_TOKENS * 2
+    if family in WEIGHT_PER_TOKEN:
+        weight_per_token = in_memory.mean_routing_weight.sum(dim=1)[moe_layers]
+        torch.testing.assert_close(weight_per_token, torch.full_like(weight_per_token, WEIGHT_PER_TOKEN[family]))
     torch.testing.assert_close(in_memory.weight_sums, expected.weight_sums, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(in_memory.reap_sums, expected.reap_sums, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(in_memory.shared_gate_sums, expected.shared_gate_sums, rtol=1e-5, atol=1e-6)

@@ -5,24 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from moemerge.architectures import Architecture, find_architecture, layer_count, require_architecture
+from moemerge.architectures import Architecture, layer_count, moe_outputs, require_architecture
 from moemerge.config.moe_recipe import ExpertEntry, MoeRecipe
 from moemerge.errors import ConfigError, MoemergeError
 from moemerge.io.loader import LazyModel, ModelPool
 
 log = logging.getLogger(__name__)
 
-# Dense model types each MoE architecture can be built from (same attention, same MLP names).
-DENSE_BASES: dict[str, tuple[str, ...]] = {
-    "mixtral": ("llama", "mistral"),
-    "qwen2_moe": ("qwen2",),
-    "qwen3_moe": ("qwen3",),
-}
-# Why a base type cannot become an architecture, where the reason is not obvious.
-INCOMPATIBLE_REASONS: dict[tuple[str, str], str] = {
-    ("qwen3", "mixtral"): "Mixtral attention has no q_norm/k_norm; use architecture qwen3_moe",
-    ("qwen2", "mixtral"): "Mixtral attention has no q/k/v biases; use architecture qwen2_moe with a shared expert",
-}
 SIZE_KEYS = ("hidden_size", "intermediate_size", "vocab_size")
 
 
@@ -49,19 +38,36 @@ class MoeSources:
     shared_intermediate: int | None
 
 
-def infer_architecture(recipe: MoeRecipe, base_type: str) -> str:
-    """The recipe's architecture, or the one the base model implies (mergekit-moe's rules)."""
-    if recipe.architecture == "qwen":  # mergekit-moe's docs' value: its Qwen3 output for a Qwen3 base, else Qwen2-MoE
-        return "qwen3_moe" if base_type == "qwen3" else "qwen2_moe"
+def infer_architecture(recipe: MoeRecipe, base_type: str) -> Architecture:
+    """The MoE family a recipe builds: its `architecture` (a family name or a mergekit-moe value such as `qwen`),
+    else the first output family in the table built from the base's model type, preferring one with a shared
+    expert exactly when the recipe lists shared experts (mergekit-moe's rules, read from the table)."""
+    outputs = moe_outputs()
     if recipe.architecture:
-        return recipe.architecture
-    if recipe.shared_experts:
-        return "qwen2_moe"
-    if base_type == "qwen3":
-        return "qwen3_moe"
-    if base_type == "qwen2":
-        return "qwen2_moe"
-    return "mixtral"
+        named = [arch for arch in outputs if recipe.architecture == arch.name or recipe.architecture in _names(arch)]
+        if not named:
+            raise ConfigError(f"architecture {recipe.architecture!r} is not an MoE output moemerge can write")
+        return next((arch for arch in named if base_type in _bases(arch)), named[0])
+    wants_shared = bool(recipe.shared_experts)
+    fitting = [arch for arch in outputs if base_type in _bases(arch)]
+    same_kind = [arch for arch in fitting if (_shared(arch) is not None) == wants_shared]
+    if same_kind:
+        return same_kind[0]
+    if wants_shared:  # the first output with a shared expert; a base it is not built from is refused with why
+        return next(arch for arch in outputs if _shared(arch) is not None)
+    return (fitting or list(outputs))[0]
+
+
+def _names(arch: Architecture) -> tuple[str, ...]:
+    return arch.moe.recipe_names if arch.moe else ()
+
+
+def _bases(arch: Architecture) -> tuple[str, ...]:
+    return arch.moe.dense_bases if arch.moe else ()
+
+
+def _shared(arch: Architecture):
+    return arch.moe.shared_expert if arch.moe else None
 
 
 def _open(pool: ModelPool, reference: str, label: str) -> LazyModel:
@@ -86,10 +92,10 @@ def _check_dense_expert(
 ) -> None:
     where = f"{source.label}.source_model ({source.entry.source_model})"
     model_type = source.model.config.get("model_type")
-    if source.arch.dense_mlp is None or model_type not in DENSE_BASES[target.name]:
+    if source.arch.dense_mlp is None or model_type not in _bases(target):
         raise ConfigError(
             f"{where}: a {model_type!r} model cannot be an expert of {target.name} "
-            f"(expected one of {', '.join(DENSE_BASES[target.name])})"
+            f"(expected one of {', '.join(_bases(target))})"
         )
     config = _text_config(source.model.config)
     keys = [
@@ -113,22 +119,22 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
     base = _open(pool, recipe.base_model, "base_model")
     base_type = base.config.get("model_type")
     base_arch = require_architecture(base.config, model_label="base_model", need="MoE assembly")
-    target_name = infer_architecture(recipe, base_type)
-    target = find_architecture(target_name)
-    assert target is not None and target.moe is not None, target_name
-    if base_type not in DENSE_BASES[target_name]:
-        reason = INCOMPATIBLE_REASONS.get(
-            (base_type, target_name), f"{target_name} is built from {' or '.join(DENSE_BASES[target_name])} models"
+    target = infer_architecture(recipe, base_type)
+    moe = target.moe
+    assert moe is not None, target.name
+    if base_type not in moe.dense_bases:
+        reason = dict(moe.unfit_bases).get(
+            base_type, f"{target.name} is built from {' or '.join(moe.dense_bases)} models"
         )
-        raise ConfigError(f"architecture {target_name!r} cannot be built from a {base_type!r} base_model: {reason}")
-    if recipe.shared_experts and target.moe.shared_expert is None:
-        raise ConfigError(f"shared_experts: architecture {target_name!r} has no shared expert (only qwen2_moe has)")
-    if target.moe.shared_expert is not None and not recipe.shared_experts:
-        raise ConfigError(f"shared_experts: architecture {target_name!r} needs exactly one shared expert")
+        raise ConfigError(f"architecture {target.name!r} cannot be built from a {base_type!r} base_model: {reason}")
+    if recipe.shared_experts and moe.shared_expert is None:
+        with_shared = ", ".join(arch.name for arch in moe_outputs() if _shared(arch) is not None)
+        raise ConfigError(f"shared_experts: architecture {target.name!r} has no shared expert (only {with_shared} has)")
+    if moe.shared_expert is not None and not recipe.shared_experts:
+        raise ConfigError(f"shared_experts: architecture {target.name!r} needs exactly one shared expert")
     base_config = _text_config(base.config)
-    if base_config.get("attention_bias") or base_config.get("mlp_bias"):
-        if target_name == "mixtral":
-            raise ConfigError("base_model has attention or MLP biases, which Mixtral cannot hold")
+    if (base_config.get("attention_bias") or base_config.get("mlp_bias")) and not moe.holds_biases:
+        raise ConfigError(f"base_model has attention or MLP biases, which {target.name} cannot hold")
     layers = layer_count(base.config, base_arch, base.names, label="base_model")
 
     def source(label: str, entry: ExpertEntry, same_intermediate: bool) -> ExpertSource:

@@ -1,10 +1,13 @@
 """Read one expert's gate/up/down projections per layer from an MoE checkpoint, in either layout.
 
-On disk (what transformers v5's save_pretrained writes) every expert has its own three tensors,
-named by the architecture table. In memory, v5 fuses them per layer: `experts.gate_up_proj`
+On disk (what transformers v5's save_pretrained writes for most families) every expert has its own
+three tensors, named by the architecture table. In memory, v5 fuses them per layer: `experts.gate_up_proj`
 [E, 2I, H] (gate rows first, then up rows: the model computes `gate, up = (x @ W.T).chunk(2)`) and
 `experts.down_proj` [E, H, I]; Mixtral's block is also renamed `block_sparse_moe` → `mlp` there.
 A checkpoint written straight from `state_dict()` has that fused layout, so both are read here.
+GPT-OSS is only ever stored fused, transposed and interleaved (gate_up [E, H, 2I], gate at even
+columns; down [E, I, H]) with per-expert biases; the table's `FusedExperts.orientation` says which.
+Whatever the layout, `expert_part` returns gate/up as [I, H] and down as [H, I].
 """
 
 from __future__ import annotations
@@ -14,31 +17,35 @@ from typing import Literal
 
 import torch
 
-from moemerge.architectures import Architecture, MoeLayout, Role, layer_count, layer_of, require_architecture
+from moemerge.architectures import (
+    Architecture,
+    FusedExperts,
+    MoeLayout,
+    Role,
+    expert_count_keys,
+    layer_count,
+    layer_of,
+    require_architecture,
+)
 from moemerge.errors import MoemergeError, TensorError
 from moemerge.io.loader import LazyModel
 
 Part = Literal["gate", "up", "down"]
-EXPERT_COUNT_KEYS = (
-    "num_local_experts",
-    "num_experts",
-    "n_routed_experts",
-)  # transformers aliases one to the other per model
+EXPERT_COUNT_KEYS = expert_count_keys()  # transformers aliases one to the other per model
 
 
 @dataclass(frozen=True)
 class FusedNames:
-    """Names of one layer's fused expert tensors and router in the in-memory v5 layout."""
+    """Names of one layer's fused expert tensors and router, and the table's layout they follow."""
 
     gate_up: str
     down: str
     router: str
+    layout: FusedExperts
+    extra: tuple[str, ...] = ()  # per-expert biases present in the checkpoint
 
-
-def _fused_prefixes(moe: MoeLayout) -> list[str]:
-    """Module prefixes the fused experts may sit under: the table's, and v5's `mlp.` rename of Mixtral's."""
-    prefixes = [fused.gate_up.removesuffix("gate_up_proj") for fused in moe.fused]
-    return list(dict.fromkeys([*prefixes, "mlp.experts."]))
+    def names(self) -> tuple[str, ...]:
+        return (self.gate_up, self.down, *self.extra)
 
 
 class MoeSource:
@@ -60,7 +67,8 @@ class MoeSource:
             raise TensorError(f"model {model.label!r}: no router tensor ({self.moe.router}) in any layer")
         first = self._router_name(self.moe_layers[0])
         self.num_experts = model.shape(first)[0]
-        declared = next((int(self.config[k]) for k in EXPERT_COUNT_KEYS if k in self.config), self.num_experts)
+        keys = (self.moe.expert_count_key, *EXPERT_COUNT_KEYS)
+        declared = next((int(self.config[k]) for k in keys if k in self.config), self.num_experts)
         if declared != self.num_experts:
             raise TensorError(
                 f"model {model.label!r}: config.json declares {declared} experts but router {first} has "
@@ -70,15 +78,24 @@ class MoeSource:
         self.intermediate_size = self.part_shape(self.moe_layers[0], "gate")[0]
 
     def _fused_names(self) -> dict[int, FusedNames]:
-        """Layers whose experts are stored fused, with their tensor names."""
+        """Layers whose experts are stored fused, with their tensor names (layouts as the table lists them)."""
         found: dict[int, FusedNames] = {}
         for layer in range(self.num_layers):
-            for prefix in _fused_prefixes(self.moe):
-                gate_up = self.arch.layer_name(layer, prefix + "gate_up_proj")
-                if self.model.has(gate_up):
-                    router_prefix = prefix.removesuffix("experts.")
-                    router = self.arch.layer_name(layer, router_prefix + "gate.weight")
-                    found[layer] = FusedNames(gate_up, self.arch.layer_name(layer, prefix + "down_proj"), router)
+            for layout in self.moe.fused:
+                gate_up = self.arch.layer_name(layer, layout.gate_up)
+                if self.model.has(gate_up) and layer not in found:
+                    extra = tuple(
+                        name
+                        for name in (self.arch.layer_name(layer, suffix) for suffix in layout.extra)
+                        if self.model.has(name)
+                    )
+                    found[layer] = FusedNames(
+                        gate_up,
+                        self.arch.layer_name(layer, layout.down),
+                        self.arch.layer_name(layer, layout.router),
+                        layout,
+                        extra,
+                    )
         return found
 
     def _router_name(self, layer: int) -> str | None:
@@ -97,11 +114,19 @@ class MoeSource:
         return self.model.read(self.router_name(layer))
 
     def _template(self, part: Part) -> str:
-        return {"gate": self.moe.expert_gate, "up": self.moe.expert_up, "down": self.moe.expert_down}[part]
+        template = {"gate": self.moe.expert_gate, "up": self.moe.expert_up, "down": self.moe.expert_down}[part]
+        if template is None:
+            raise TensorError(f"model {self.model.label!r}: {self.arch.name} experts are only stored fused")
+        return template
 
     def expert_name(self, layer: int, expert: int, part: Part) -> str:
         """The on-disk (per-expert) name of one expert projection, as the table spells it."""
         return self.arch.layer_name(layer, self._template(part).format(expert=expert))
+
+    @property
+    def fused_only(self) -> bool:
+        """The family has no per-expert layout (GPT-OSS): a pruned model keeps the fused tensors."""
+        return self.moe.expert_templates() is None
 
     def check_expert(self, expert: int) -> None:
         if not 0 <= expert < self.num_experts:
@@ -113,6 +138,11 @@ class MoeSource:
         fused = self.fused.get(layer)
         if fused is None:
             return self.model.read(self.expert_name(layer, expert, part))
+        if fused.layout.orientation == "in_out_interleaved":  # gate_up [H, 2I] gate at even columns; down [I, H]
+            if part == "down":
+                return self.model.read_slice(fused.down, expert).T.contiguous()
+            gate_up = self.model.read_slice(fused.gate_up, expert)
+            return gate_up[:, 0 if part == "gate" else 1 :: 2].T.contiguous()
         if part == "down":
             return self.model.read_slice(fused.down, expert)
         gate, up = self.model.read_slice(fused.gate_up, expert).chunk(2, dim=0)
@@ -122,6 +152,11 @@ class MoeSource:
         fused = self.fused.get(layer)
         if fused is None:
             return self.model.shape(self.expert_name(layer, 0, part))
+        if fused.layout.orientation == "in_out_interleaved":
+            if part == "down":
+                return tuple(reversed(self.model.shape(fused.down)[1:]))
+            experts, hidden, columns = self.model.shape(fused.gate_up)
+            return (columns // 2, hidden)
         if part == "down":
             return self.model.shape(fused.down)[1:]
         experts, rows, hidden = self.model.shape(fused.gate_up)
@@ -151,7 +186,7 @@ class MoeSource:
             return True
         layer = layer_of(name)
         fused = self.fused.get(layer) if layer is not None else None
-        return fused is not None and name in (fused.gate_up, fused.down, fused.router)
+        return fused is not None and name in (*fused.names(), fused.router)
 
     def dense_layers(self) -> list[int]:
         """Layers without experts (e.g. Qwen2-MoE's mlp_only_layers)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from moemerge.architectures import Role
 from moemerge.errors import MoemergeError
 from moemerge.executor import OutputTensor
@@ -30,7 +32,8 @@ def check_prune_count(source: MoeSource, count: int) -> None:
 
 
 def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTensor]:
-    """Every output tensor of the pruned MoE, in the on-disk per-expert layout whatever the input layout."""
+    """Every output tensor of the pruned MoE, in the on-disk per-expert layout whatever the input layout (fused
+    where the family has no other)."""
     model = source.model
     outputs = [
         OutputTensor(TensorSpec(name, model.shape(name), model.dtype(name)), lambda name=name: model.read(name))
@@ -58,6 +61,9 @@ def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTen
                         lambda name=name, experts=experts: model.read(name)[experts].contiguous(),
                     )
                 )
+        if source.fused_only:
+            outputs += _kept_fused(source, layer, experts)
+            continue
         for new_index, old_index in enumerate(experts):
             for part in ("gate", "up", "down"):
                 spec = TensorSpec(
@@ -71,6 +77,24 @@ def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTen
                     )
                 )
     return in_layer_order(outputs)
+
+
+def _kept_fused(source: MoeSource, layer: int, experts: list[int]) -> list[OutputTensor]:
+    """A fused-only family (GPT-OSS): each per-expert tensor (weights and biases) with the kept experts' slices
+    stacked in their new order, read one expert at a time."""
+    fused = source.fused[layer]
+    model = source.model
+
+    def kept(name: str) -> torch.Tensor:
+        return torch.stack([model.read_slice(name, expert) for expert in experts])
+
+    return [
+        OutputTensor(
+            TensorSpec(name, (len(experts), *model.shape(name)[1:]), model.dtype(name)),
+            lambda name=name: kept(name),
+        )
+        for name in fused.names()
+    ]
 
 
 def pruned_config(source: MoeSource, count: int) -> dict:

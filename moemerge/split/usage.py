@@ -1,11 +1,14 @@
 """Calibration pass: run the MoE layer by layer (`moemerge.layerwise`) on text and record, per layer, how the
 router uses each expert.
 
-A forward hook on every router module (`mlp.gate` in transformers v5 Mixtral, Qwen2-MoE, Qwen3-MoE
-and OLMoE; it returns `(router_logits, top_k_weights, top_k_index)`) sees the router's input and
-decisions. From them we accumulate, per layer and expert: how often it is picked, the sum of its
-routing weights, and the sum of routing weight × ‖expert output‖ over the tokens routed to it
-(REAP, "Router-weighted Expert Activation Pruning"), computed with the layer's own expert weights.
+A forward pre-hook on every router module (found in transformers' layer by the architecture table's
+names: `mlp.gate`, GPT-OSS's `mlp.router`) sees the router's input. From it the router's logits are
+recomputed and the experts chosen with the family's own rule from `moemerge.moe.routing` (softmax
+top-k, GPT-OSS's top-k then softmax, DeepSeek-V3's sigmoid + correction bias within groups...), so the
+statistics follow one table, not each model class. We accumulate, per layer and expert: how often it
+is picked, the sum of its routing weights, and the sum of routing weight × ‖expert output‖ over the
+tokens routed to it (REAP, "Router-weighted Expert Activation Pruning"), the output computed by the
+layer's own experts module.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from moemerge.architectures import MoeLayout, find_architecture
 from moemerge.errors import MoemergeError
 from moemerge.io.loader import LazyModel
-from moemerge.layerwise import LayerwiseModel, equal_batches, moe_block
+from moemerge.layerwise import LayerwiseModel, equal_batches
+from moemerge.moe.routing import RoutingRule, route, router_logits, routing_rule
 
 log = logging.getLogger(__name__)
 
@@ -118,34 +123,102 @@ def tokenize_until(tokenizer, text: str, max_tokens: int, piece_chars: int = 200
 
 
 def _expert_output_norms(experts: torch.nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
-    """‖down(act(gate·x) * up·x)‖ for each row of hidden, with v5's fused expert weights."""
-    gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-    output = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
-    return output.float().norm(dim=-1)
+    """‖expert(x)‖ for each row of hidden, by the layer's experts module itself (every token sent to `expert`
+    with weight 1), so each family's expert function (clamped SwiGLU with biases for GPT-OSS) is the one used."""
+    indices = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
+    weights = torch.ones((hidden.shape[0], 1), dtype=hidden.dtype, device=hidden.device)
+    return experts(hidden, indices, weights).float().norm(dim=-1)
+
+
+def _tensor_at(root: torch.nn.Module, suffix: str | None) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """(owning module, tensor) for a dotted name under a decoder layer, or None where the layer has none."""
+    if suffix is None:
+        return None
+    path, _, leaf = suffix.rpartition(".")
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    tensor = getattr(module, leaf, None)
+    return (module, tensor) if isinstance(tensor, torch.Tensor) else None
+
+
+@dataclass
+class RouterTap:
+    """One decoder layer's router as transformers built it, located by the table's tensor names."""
+
+    router: torch.nn.Module  # hooked: its input is the hidden state the router multiplies
+    block: torch.nn.Module  # the sparse MoE block holding `experts`
+    weight: torch.Tensor
+    bias: torch.Tensor | None  # GPT-OSS: added to the logits
+    correction_bias: torch.Tensor | None  # DeepSeek-V3: added to the scores for choosing only
+    shared_gate: torch.Tensor | None  # Qwen2-MoE: sigmoid gate on the shared expert
+
+
+def router_tap(layer: torch.nn.Module, moe: MoeLayout) -> RouterTap | None:
+    """The layer's router, or None for a dense layer. The table's on-disk router name is tried first, then the
+    names the fused (in-memory) layouts give it (Mixtral's `block_sparse_moe.gate` is `mlp.gate` in memory)."""
+    found = next(filter(None, (_tensor_at(layer, name) for name in (moe.router, *(f.router for f in moe.fused)))), None)
+    if found is None:
+        return None
+    router, weight = found
+    block = next((module for module in layer.modules() if router in module.children()), None)
+    if block is None or not hasattr(block, "experts"):
+        return None
+
+    def optional(suffix: str | None) -> torch.Tensor | None:
+        located = _tensor_at(layer, suffix)
+        return None if located is None else located[1]
+
+    return RouterTap(
+        router,
+        block,
+        weight,
+        optional(moe.router_bias),
+        optional(moe.correction_bias),
+        optional(moe.shared_expert_gate),
+    )
 
 
 class _RouterRecorder:
-    """Forward hook on one layer's router that adds that layer's statistics to a RouterUsage."""
+    """Forward pre-hook on one layer's router that adds that layer's statistics to a RouterUsage."""
 
-    def __init__(self, usage: RouterUsage, layer: int, block: torch.nn.Module):
-        self.usage, self.layer, self.block = usage, layer, block
+    def __init__(self, usage: RouterUsage, layer: int, tap: RouterTap, rule: RoutingRule):
+        self.usage, self.layer, self.tap, self.rule = usage, layer, tap, rule
 
     @torch.no_grad()
-    def __call__(self, _module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
+    def __call__(self, _module: torch.nn.Module, inputs: tuple) -> None:
         hidden = inputs[0].reshape(-1, inputs[0].shape[-1])
-        _, weights, indices = output
+        tap = self.tap
+        logits = router_logits(hidden, tap.weight, tap.bias)
+        indices, weights = route(self.rule, logits, tap.correction_bias)
         flat_indices, flat_weights = indices.reshape(-1).cpu(), weights.reshape(-1).double().cpu()
         usage, layer = self.usage, self.layer
         usage.counts[layer].index_add_(0, flat_indices, torch.ones_like(flat_weights))
         usage.weight_sums[layer].index_add_(0, flat_indices, flat_weights)
-        experts = self.block.experts
         for expert in indices.unique().tolist():
             token_rows, slot = torch.where(indices == expert)
-            norms = _expert_output_norms(experts, expert, hidden[token_rows])
+            norms = _expert_output_norms(tap.block.experts, expert, hidden[token_rows])
             usage.reap_sums[layer, expert] += (weights[token_rows, slot].double() * norms.double()).sum().cpu()
-        shared_gate = getattr(self.block, "shared_expert_gate", None)
-        if shared_gate is not None:
-            usage.shared_gate_sums[layer] += torch.sigmoid(shared_gate(hidden).float()).double().sum().cpu()
+        if tap.shared_gate is not None:
+            shared = torch.nn.functional.linear(hidden.float(), tap.shared_gate.float())
+            usage.shared_gate_sums[layer] += torch.sigmoid(shared).double().sum().cpu()
+
+
+def record_router(
+    usage: RouterUsage, layer: int, module: torch.nn.Module, moe: MoeLayout, rule: RoutingRule
+) -> torch.utils.hooks.RemovableHandle | None:
+    """Hook the recorder on decoder layer `module`'s router (None for a dense layer, which is not recorded)."""
+    tap = router_tap(module, moe)
+    if tap is None:
+        return None
+    usage.moe_layers.append(layer)
+    return tap.router.register_forward_pre_hook(_RouterRecorder(usage, layer, tap, rule))
+
+
+def usage_rule(config: dict, moe: MoeLayout) -> RoutingRule:
+    """The family's routing rule with this checkpoint's config values (the table says which kind)."""
+    return routing_rule(config, moe.router_kind, experts_per_token_key=moe.experts_per_token_key)
 
 
 def collect_usage(
@@ -174,17 +247,18 @@ def collect_usage(
     chunks = calibration_chunks(token_ids, seq_len, max_tokens)
     if not chunks:
         raise MoemergeError("the calibration text tokenises to no tokens")
+    arch = find_architecture(model.config.get("model_type"))
+    if arch is None or arch.moe is None:
+        raise MoemergeError(f"{model.label}: not a mixture of experts moemerge knows, no router to record")
     runner = LayerwiseModel(model, device=device, trust_remote_code=trust_remote_code)
+    moe, rule = arch.moe, usage_rule(runner.config.get_text_config().to_dict(), arch.moe)  # with the class defaults
     usage = RouterUsage.empty(runner.num_layers, num_experts)
     batches = list(equal_batches(chunks, batch_size))
     usage.tokens = sum(batch.tokens for batch in batches)
 
     def record(layer: int, module: torch.nn.Module, _probe):
-        block = moe_block(module)
-        if block is None:
-            return None
-        usage.moe_layers.append(layer)
-        return block.gate.register_forward_hook(_RouterRecorder(usage, layer, block)).remove
+        handle = record_router(usage, layer, module, moe, rule)
+        return None if handle is None else handle.remove
 
     log.info("calibration: %d tokens in %d sequences of up to %d", usage.tokens, len(chunks), seq_len)
     runner.run(batches, max_memory=max_memory, on_layer=record, progress=progress, description="calibrating")
