@@ -19,6 +19,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from make_toy_models import make_all  # noqa: E402
 
 PROMPT = "Merging language models"
+LEGEND = (
+    "Per model: class, layers, the prompt -> its greedy 8-token continuation (random toy weights: nonsense), and "
+    "Δlogit = mean |logit - base model's logit| on the prompt (0: the base's predictions; larger: further from it)."
+)
 
 
 def run(*command: str) -> None:
@@ -45,11 +49,11 @@ def generate(folder: Path, base_logits: torch.Tensor) -> None:
     with torch.no_grad():
         tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         logits = model(**inputs).logits
-    new_tokens = tokens[0, inputs["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     shift = (logits - base_logits).abs().mean().item()
     print(
-        f"  {folder.name}: {type(model).__name__}, {model.config.num_hidden_layers} layers, loaded and ran;"
-        f" generated token ids {new_tokens}; mean |logit - base logit| = {shift:.4f}\n",
+        f"  {folder.name}: {type(model).__name__}, {model.config.num_hidden_layers} layers;"
+        f" {PROMPT!r} -> {text!r}; Δlogit {shift:.4f}\n",
         flush=True,
     )
 
@@ -66,6 +70,7 @@ def main() -> None:
         ("demo-expert-1", ["moemerge-split", str(out / "demo-moe"), "--expert", "1"], "mistral-base"),
     ]
     base_logits = {name: prompt_logits(ROOT / "toy-models" / name) for name in ("base", "mistral-base")}
+    print(LEGEND + "\n", flush=True)
     for name, command, base in steps:
         if shutil.which(command[0]) is None:
             sys.exit(f"{command[0]} is not installed: run `pip install -e .` first")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from conftest import read_tensors
 
@@ -58,6 +59,8 @@ def test_peft_loads_the_adapter_and_logit_error_falls_with_rank(toy_models, fine
 def test_full_rank_adapter_read_back_as_base_plus_lora_is_the_finetune(toy_models, tmp_path):
     out = tmp_path / "adapter"
     assert run_extract(toy_models["coder"], toy_models["base"], out, "--rank", 64, "--quiet").exit_code == 0
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == []  # a local base is no hub id (as mergekit)
     adapted = LazyModel.open(f"{toy_models['base']}+{out}")
     finetune = read_tensors(toy_models["coder"])
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"):

@@ -77,7 +77,7 @@ executor_option = click.option(
     type=click.Choice(["local", "ray"]),
     default="local",
     show_default=True,
-    help="ray: write the output shards as Ray tasks (pip install 'moemerge[ray]').",
+    help="ray: write the output shards as Ray tasks (needs Ray: pip install ray, or pip install -e '.[ray]').",
 )
 ray_address_option = click.option(
     "--ray-address", default=None, help="With --executor ray: join this Ray cluster (default: start a local Ray)."

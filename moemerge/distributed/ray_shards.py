@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, install_hint
 from moemerge.io.writer import INDEX_NAME, TensorSpec, assign_shards
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def start_ray(address: str | None, num_cpus: int | None = None):
     try:
         import ray
     except ImportError:
-        raise MoemergeError("--executor ray needs Ray: pip install 'moemerge[ray]'") from None
+        raise MoemergeError(f"--executor ray needs Ray: {install_hint('ray', 'ray')}") from None
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": num_cpus}
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **kwargs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moemerge.errors import ConfigError
+from moemerge.errors import ConfigError, install_hint
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _lm_eval(model, tokenizer_folder: Path, objective: Objective) -> dict[str, f
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ConfigError("objective.lm_eval needs lm-evaluation-harness: pip install 'moemerge[eval]'") from None
+        raise ConfigError(f"objective.lm_eval needs lm-evaluation-harness: {install_hint('eval', 'lm-eval')}") from None
     from transformers import AutoTokenizer
 
     wrapped = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder), device=objective.device)

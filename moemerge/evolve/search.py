@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moemerge.errors import ConfigError, MoemergeError
+from moemerge.errors import ConfigError, MoemergeError, install_hint
 from moemerge.evolve.objective import Objective
 from moemerge.evolve.space import SearchSpace
 
@@ -217,7 +217,7 @@ def _plot(path: Path, history: list[list[float]]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib is not installed: no %s (pip install 'moemerge[evolve]')", path.name)
+        log.info("matplotlib is not installed: no %s (%s)", path.name, install_hint("evolve", "matplotlib"))
         return
     generations = range(1, len(history) + 1)
     figure, axes = plt.subplots(figsize=(6, 3.5))

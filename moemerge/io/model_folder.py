@@ -15,6 +15,7 @@ import yaml
 
 from moemerge import __version__
 from moemerge.errors import OutputError
+from moemerge.io.model_ref import hub_ids, is_hub_id, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,13 @@ def write_model_card(
     recipe_text: str,
     extra_tags: Sequence[str] = (),
 ) -> None:
-    """README.md with Hugging Face front-matter, what was done, and the recipe that did it."""
+    """README.md with Hugging Face front-matter, what was done, the inputs, and the recipe that did it.
+
+    `base_model:` lists only hub repo ids (as mergekit, which writes `[]` when every input is a local folder);
+    local folders are named in the text instead.
+    """
     front = {
-        "base_model": list(dict.fromkeys(base_models)),
+        "base_model": hub_ids(base_models),
         "library_name": "transformers",
         "tags": ["merge", "moemerge", *extra_tags],
     }
@@ -103,10 +108,22 @@ def write_model_card(
         + "---\n\n"
         + f"# {title}\n\n"
         + f"{summary}\n\n"
-        + f"Made with [moemerge](https://pypi.org/project/moemerge/) {__version__}.\n\n"
+        + _inputs(base_models)
+        + f"Made with moemerge {__version__}.\n\n"
         + "## Recipe\n\n```yaml\n"
         + recipe_text
         + "```\n"
     )
     with writing(folder / "README.md"):
         (folder / "README.md").write_text(card)
+
+
+def _inputs(references: Sequence[str]) -> str:
+    """The input models as a list: hub repos linked to their pages, local folders as written in the recipe."""
+    lines = [
+        f"- [{reference}](https://huggingface.co/{split_revision(reference)[0]})"
+        if is_hub_id(reference)
+        else f"- `{reference}` (local folder)"
+        for reference in dict.fromkeys(references)
+    ]
+    return "Inputs:\n\n" + "\n".join(lines) + "\n\n" if lines else ""

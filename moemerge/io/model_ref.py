@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from moemerge.errors import ModelNotFoundError
@@ -13,6 +14,31 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.ti
 def split_revision(reference: str) -> tuple[str, str | None]:
     name, _, revision = reference.partition("@")
     return name, (revision or None)
+
+
+def is_hub_id(reference: str) -> bool:
+    """Whether a model reference names a Hugging Face repo (`org/name[@revision]`) rather than a local folder.
+
+    As in mergekit's model card, a reference starting with `/` or `~`, or with more than one `/`, is local.
+    mergekit asks the hub about a name that is also a local folder; we count an existing folder as local, so
+    that writing a card never goes online. A name without `org/` is local too: only `org/name` resolves from
+    the hub here (`resolve_model`).
+    """
+    name, _ = split_revision(reference)
+    if name.startswith(("/", "~", ".")) or name.count("/") != 1 or Path(name).exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_ids(references: Sequence[str]) -> list[str]:
+    """The references that name hub repos, without revisions or repeats (a model card's `base_model:`)."""
+    return list(dict.fromkeys(split_revision(reference)[0] for reference in references if is_hub_id(reference)))
 
 
 def resolve_model(reference: str) -> Path:

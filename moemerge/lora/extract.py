@@ -22,6 +22,7 @@ from moemerge import __version__
 from moemerge.architectures import Role, architecture_for_config
 from moemerge.errors import ConfigError, TensorError
 from moemerge.io.loader import LazyModel
+from moemerge.io.model_ref import hub_ids
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.writer import INDEX_NAME, ShardedWriter, TensorSpec
 
@@ -270,7 +271,7 @@ def _write_card(folder: Path, finetune_ref: str, base_ref: str, report: ExtractR
     if options.energy is not None and options.rank is not None:
         how += f", at most rank {options.rank}"
     card = (
-        f"---\nbase_model: {base_ref}\nlibrary_name: peft\ntags: [lora, moemerge]\n---\n\n"
+        f"---\nbase_model: {json.dumps(hub_ids([base_ref]))}\nlibrary_name: peft\ntags: [lora, moemerge]\n---\n\n"
         f"# LoRA extracted from {finetune_ref}\n\n"
         f"The difference between `{finetune_ref}` and `{base_ref}`, by truncated SVD ({how}): "
         f"{len(report.ranks)} modules, ranks {ranks[0] if ranks else 0}–{ranks[-1] if ranks else 0}"

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, install_hint
 from moemerge.split.usage import RouterUsage
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-INSTALL_HINT = "pip install matplotlib, or from a moemerge checkout: pip install -e '.[report]'"
+INSTALL_HINT = install_hint("report", "matplotlib")
 MAX_ANNOTATED_CELLS = 16 * 32  # beyond this the numbers no longer fit in the cells
 MAX_TICK_LABELS = 32  # per axis; more experts or layers get every n-th label
 
