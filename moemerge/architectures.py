@@ -655,6 +655,50 @@ def require_architecture(config: dict, *, model_label: str, need: str) -> Archit
     return arch
 
 
+# Model classes that name one architecture (mergekit's definitions list them together).
+CLASS_ALIASES = {
+    "LLaMaForCausalLM": "LlamaForCausalLM",
+    "BertForMultipleChoice": "BertForSequenceClassification",
+    "BertForTokenClassification": "BertForSequenceClassification",
+}
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What must agree between the models of a dense merge unless --allow-crimes: config.json's model class
+    (`architectures[0]`, aliases as one) and its `model_type`.
+
+    mergekit compares the architecture definition it finds for the class (the model_type only tells apart
+    definitions sharing a class, e.g. phi and phi-msft); comparing both refuses as well a checkpoint whose
+    model_type was edited. The tokenizer plays no part.
+    """
+
+    model_class: str | None  # None when config.json lists no class: it then agrees with any class
+    model_type: str | None
+
+    def __str__(self) -> str:
+        if self.model_class is None:
+            return f"model_type {self.model_type}"
+        return f"{self.model_class} ({self.model_type})"
+
+
+def model_kind(config: dict) -> ModelKind:
+    classes = config.get("architectures") or [None]
+    model_class = CLASS_ALIASES.get(classes[0], classes[0]) if isinstance(classes[0], str) else None
+    return ModelKind(model_class, config.get("model_type"))
+
+
+def mixed_kinds(kinds: dict[str, ModelKind]) -> str | None:
+    """`LlamaForCausalLM (llama) in a, b and MistralForCausalLM (mistral) in c` when the kinds differ, else None."""
+    classes = {kind.model_class for kind in kinds.values() if kind.model_class is not None}
+    if len(classes) <= 1 and len({kind.model_type for kind in kinds.values()}) <= 1:
+        return None
+    groups: dict[str, list[str]] = {}
+    for model, kind in kinds.items():
+        groups.setdefault(str(kind), []).append(model)
+    return " and ".join(f"{label} in {', '.join(map(repr, models))}" for label, models in groups.items())
+
+
 def layer_of(name: str) -> int | None:
     """Layer index of a `.layers.N.` tensor name (any architecture), or None."""
     match = LAYER_PATTERN.match(name)

@@ -19,8 +19,9 @@ import yaml
 
 from moemerge.config.stages import Stage
 from moemerge.dense_merge import RunOptions, describe_plan, run_merge
+from moemerge.errors import MoemergeError
 from moemerge.io.loader import ModelPool
-from moemerge.plan.dense_plan import plan_merge
+from moemerge.plan.dense_plan import model_references, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,25 @@ def _run_stage(
 ) -> None:
     recipe, document = stage.resolved(paths.folders)
     pool = ModelPool()
-    plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
+    try:
+        plan = plan_merge(recipe, pool, allow_crimes=allow_crimes)
+    except MoemergeError as error:
+        raise type(error)(f"stage {stage.label}: {error}") from None
     text = recipe_text if recipe_text is not None else yaml.safe_dump(document, sort_keys=False)
     run_merge(plan, recipe, text, pool, target, options)
+
+
+def open_inputs(stages: list[Stage], paths: StagePaths) -> None:
+    """Open every model the stages read that no stage writes: a typo in the last stage fails before the first merges."""
+    pool = ModelPool()
+    for stage in stages:
+        for key, reference in model_references(stage.recipe):
+            if reference.split("+", 1)[0] in paths.folders:
+                continue  # another stage's output, written later
+            try:
+                pool.get(reference)
+            except MoemergeError as error:
+                raise type(error)(f"stage {stage.label}: {key}: {error}") from None
 
 
 def run_stages(
@@ -82,6 +99,7 @@ def run_stages(
 ) -> Path:
     """Merge every stage in order, the last into `out`; complete intermediates from an earlier run are reused."""
     paths = stage_paths(stages, out, intermediate_dir, options.random_seed)
+    open_inputs(stages, paths)
     intermediate_options = replace(options, overwrite=True)  # the intermediate folders are moemerge's own
     for index, stage in enumerate(stages[:-1], start=1):
         folder = paths.folders[stage.name]

@@ -104,3 +104,20 @@ def test_fused_router_names_are_table_data():
     assert mixtral.role_of("model.layers.0.mlp.experts.gate_up_proj") is Role.EXPERT
     assert gpt_oss.role_of("model.layers.0.mlp.router.bias") is Role.ROUTER
     assert gpt_oss.role_of("model.layers.0.mlp.experts.down_proj_bias") is Role.EXPERT
+
+
+def test_model_kinds_agree_across_class_aliases_and_configs_without_a_class():
+    from moemerge.architectures import mixed_kinds, model_kind
+
+    llama = model_kind({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    alias = model_kind({"architectures": ["LLaMaForCausalLM"], "model_type": "llama"})
+    bare = model_kind({"model_type": "llama"})  # no `architectures` in config.json
+    assert mixed_kinds({"a": llama, "b": alias, "c": bare}) is None
+    edited = model_kind({"architectures": ["LlamaForCausalLM"], "model_type": "mistral"})
+    assert mixed_kinds({"a": llama, "b": edited}) == (
+        "LlamaForCausalLM (llama) in 'a' and LlamaForCausalLM (mistral) in 'b'"
+    )
+    mistral = model_kind({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    assert mixed_kinds({"a": llama, "b": llama, "c": mistral}) == (
+        "LlamaForCausalLM (llama) in 'a', 'b' and MistralForCausalLM (mistral) in 'c'"
+    )

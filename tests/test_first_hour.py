@@ -64,7 +64,7 @@ def test_a_mistyped_local_path_says_no_such_folder_relative_to_the_working_direc
     result = CliRunner().invoke(main, ["typo.yml", "out/typo"])
     assert result.exit_code == 1
     message = result.output.strip().splitlines()[-1]
-    assert message.startswith("error: model 'toy-models/mathh' not found: no such folder under ")
+    assert message.startswith("error: models[0].model: model 'toy-models/mathh' not found: no such folder under ")
     assert str(toy_folder) in message
     assert "Error" not in message.removeprefix("error:")  # no internal exception names
 
@@ -89,3 +89,149 @@ def test_one_b_is_a_billion_as_in_mergekit():
     from moemerge.sizes import parse_shard_size
 
     assert parse_shard_size("1B") == 10**9 and parse_shard_size("5GB") == 5 * 10**9
+
+
+# ---- a mistyped local path names the recipe key it came from ---------------------------------------------------
+
+TYPO = "toy-models/mathh"
+DENSE_TYPOS = {
+    "models[1].model": {"merge_method": "linear", "models": [{"model": "toy-models/coder"}, {"model": TYPO}]},
+    "base_model": {"merge_method": "task_arithmetic", "base_model": TYPO, "models": [{"model": "toy-models/coder"}]},
+    "slices[1].sources[0].model": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "toy-models/coder", "layer_range": [0, 2]}]},
+            {"sources": [{"model": TYPO, "layer_range": [2, 4]}]},
+        ],
+    },
+}
+MOE_TYPOS = {
+    "base_model": {
+        "base_model": TYPO,
+        "gate_mode": "random",
+        "experts": [{"source_model": "toy-models/qwen2-coder"}, {"source_model": "toy-models/qwen2-story"}],
+    },
+    "experts[1].source_model": {
+        "base_model": "toy-models/mistral-base",
+        "gate_mode": "random",
+        "experts": [{"source_model": "toy-models/mistral-coder"}, {"source_model": TYPO}],
+    },
+    "shared_experts[0].source_model": {
+        "base_model": "toy-models/qwen2-base",
+        "architecture": "qwen2_moe",
+        "gate_mode": "random",
+        "experts": [{"source_model": "toy-models/qwen2-coder"}, {"source_model": "toy-models/qwen2-story"}],
+        "shared_experts": [{"source_model": TYPO}],
+    },
+}
+
+
+def _run_in(folder: Path, command: str, recipe: dict | str, *args: str):
+    import yaml
+
+    from moemerge.cli.moe_command import main as moe_main
+    from moemerge.cli.yaml_command import main as yaml_main
+
+    text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False)
+    (folder / "recipe.yml").write_text(text)
+    main = moe_main if command == "moe" else yaml_main
+    return CliRunner().invoke(main, ["recipe.yml", "out/recipe", *args])
+
+
+@pytest.mark.parametrize(
+    ("command", "key"), [("yaml", key) for key in DENSE_TYPOS] + [("moe", key) for key in MOE_TYPOS]
+)
+def test_a_missing_model_names_its_recipe_key(command, key, toy_folder, monkeypatch):
+    monkeypatch.chdir(toy_folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = (DENSE_TYPOS if command == "yaml" else MOE_TYPOS)[key]
+    result = _run_in(toy_folder, command, recipe)
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith(f"error: {key}: model {TYPO!r} not found: no such folder under {toy_folder} "), message
+    assert "(recipe paths are relative to it)" in message
+
+
+def test_a_missing_model_in_a_later_stage_fails_before_the_first_stage_merges(toy_folder, monkeypatch):
+    monkeypatch.chdir(toy_folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    stages = (
+        "name: blend\nmerge_method: linear\nmodels:\n  - model: toy-models/coder\n  - model: toy-models/math\n"
+        "---\nmerge_method: linear\nmodels:\n  - model: blend\n  - model: toy-models/storyy\n"
+    )
+    result = _run_in(toy_folder, "yaml", stages, "--intermediate-dir", "stages-typo")
+    assert result.exit_code == 1, result.output
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith("error: stage (final): models[1].model: model 'toy-models/storyy' not found: no such folder under ")
+    )
+    assert not (toy_folder / "stages-typo").exists()  # nothing was merged
+
+
+# ---- mixing architectures needs --allow-crimes, as in mergekit -------------------------------------------------
+
+LLAMA_AND_MISTRAL = {  # toy-models/coder is a Llama, toy-models/mistral-coder a Mistral of the same sizes
+    "models": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "toy-models/coder", "parameters": {"weight": 1}},
+            {"model": "toy-models/mistral-coder", "parameters": {"weight": 1}},
+        ],
+    },
+    "slices": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "toy-models/coder", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "toy-models/mistral-coder", "layer_range": [2, 4]}]},
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("key", list(LLAMA_AND_MISTRAL))
+def test_mixing_architectures_is_refused_naming_both(key, toy_folder, monkeypatch):
+    monkeypatch.chdir(toy_folder)
+    result = _run_in(toy_folder, "yaml", LLAMA_AND_MISTRAL[key], "--overwrite")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {key}: architectures differ: LlamaForCausalLM (llama) in 'toy-models/coder' and "
+        "MistralForCausalLM (mistral) in 'toy-models/mistral-coder' (--allow-crimes merges them anyway)"
+    )
+    assert not (toy_folder / "out" / "recipe").exists()
+
+
+def test_allow_crimes_merges_them_with_a_warning(toy_folder, monkeypatch):
+    import torch
+    from conftest import read_tensors
+
+    monkeypatch.chdir(toy_folder)
+    result = _run_in(toy_folder, "yaml", LLAMA_AND_MISTRAL["models"], "--allow-crimes", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "WARNING: models: architectures differ: LlamaForCausalLM (llama)" in result.output
+    merged = read_tensors(toy_folder / "out" / "recipe")
+    llama, mistral = (
+        read_tensors(toy_folder / "toy-models" / "coder"),
+        read_tensors(toy_folder / "toy-models" / "mistral-coder"),
+    )
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[name], (llama[name] + mistral[name]) / 2)
+
+
+def test_the_api_takes_allow_crimes(toy_folder, monkeypatch, tmp_path):
+    import moemerge
+    from moemerge.errors import ConfigError
+
+    monkeypatch.chdir(toy_folder)
+    with pytest.raises(ConfigError, match="architectures differ"):
+        moemerge.merge(LLAMA_AND_MISTRAL["models"], tmp_path / "refused", progress=False)
+    summary = moemerge.merge(LLAMA_AND_MISTRAL["models"], tmp_path / "crimes", allow_crimes=True, progress=False)
+    assert summary.tensors == 39 and not (tmp_path / "refused").exists()
+
+
+def test_a_tokenizer_from_another_architecture_is_no_crime(toy_folder, monkeypatch):
+    monkeypatch.chdir(toy_folder)
+    recipe = {**DENSE_TYPOS["models[1].model"], "tokenizer_source": "toy-models/mistral-coder"}
+    recipe["models"] = [{"model": f"toy-models/{name}", "parameters": {"weight": 1}} for name in ("coder", "math")]
+    result = _run_in(toy_folder, "yaml", recipe, "--dry-run")
+    assert result.exit_code == 0, result.output

@@ -19,10 +19,12 @@ from moemerge.architectures import (
     architecture_for_config,
     layer_count,
     layer_count_section,
+    mixed_kinds,
+    model_kind,
     set_layer_count,
 )
 from moemerge.config.merge_recipe import MergeRecipe, OutputSlice, SliceSource
-from moemerge.errors import ConfigError, TensorError
+from moemerge.errors import ConfigError, MoemergeError, TensorError
 from moemerge.io.loader import LazyModel, ModelPool
 from moemerge.io.writer import TensorSpec
 from moemerge.methods.registry import MergeMethod, Params, get_method
@@ -135,6 +137,35 @@ def _check_sources(recipe: MergeRecipe, module: ModuleRecipe, method: MergeMetho
             )
 
 
+def model_references(recipe: MergeRecipe) -> list[tuple[str, str]]:
+    """(recipe key, model reference) for every model the recipe reads, base_model first, then in recipe order."""
+    references = [("base_model", recipe.base_model)] if recipe.base_model else []
+    groups = (
+        {"": recipe}
+        if recipe.modules is None
+        else {f"modules.{name}.": group for name, group in recipe.modules.items()}
+    )
+    for where, group in groups.items():
+        references += [(f"{where}models[{i}].model", entry.model) for i, entry in enumerate(group.models or [])]
+        for j, output_slice in enumerate(group.slices or []):
+            if output_slice.base_model:
+                references.append((f"{where}slices[{j}].base_model", output_slice.base_model))
+            references += [
+                (f"{where}slices[{j}].sources[{k}].model", source.model)
+                for k, source in enumerate(output_slice.sources)
+            ]
+    return references
+
+
+def open_models(recipe: MergeRecipe, pool: ModelPool) -> None:
+    """Open every model of the recipe (configs and headers only); a model that is not found names its recipe key."""
+    for key, reference in model_references(recipe):
+        try:
+            pool.get(reference)
+        except MoemergeError as error:
+            raise type(error)(f"{key}: {error}") from None
+
+
 class _Planner:
     def __init__(self, recipe: MergeRecipe, pool: ModelPool, allow_crimes: bool):
         self.recipe = recipe
@@ -143,10 +174,12 @@ class _Planner:
         self.method = get_method(recipe.merge_method)
         if self.method.uses_base and not recipe.base_model:
             raise ConfigError(f"base_model: required by merge_method {self.method.name!r}")
+        open_models(recipe, pool)
         self.reference = recipe.base_model or _first_model(recipe)
         self.reference_model = pool.get(self.reference)
         self.arch = architecture_for_config(self.reference_model.config, model_label=self.reference)
         (self.module,) = recipe_modules(recipe, self.arch)
+        self._check_one_architecture()
         self.slices = _normalised_slices(recipe, self.module, self.method, pool, self.arch)
         _check_sources(recipe, self.module, self.method, self.slices)
         self.models = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
@@ -155,6 +188,17 @@ class _Planner:
         self.vocabulary = self._output_vocabulary()
         self.merges: list[TensorMerge] = []
         self.source_layers: list[tuple[str, int]] = []  # output layer -> (model, layer) it came from
+
+    def _check_one_architecture(self) -> None:
+        """As mergekit: models of different architectures are merged only with --allow-crimes."""
+        models = dict.fromkeys(reference for _, reference in model_references(self.recipe))
+        mixed = mixed_kinds({model: model_kind(self.pool.get(model).config) for model in models})
+        if mixed is None:
+            return
+        where = f"{self.module.where}models" if self.module.slices is None else f"{self.module.where}slices"
+        if not self.allow_crimes:
+            raise ConfigError(f"{where}: architectures differ: {mixed} (--allow-crimes merges them anyway)")
+        log.warning("%s: architectures differ: %s; merging them as --allow-crimes asks", where, mixed)
 
     def plan(self) -> MergePlan:
         pre, post = self._model_level_names()
