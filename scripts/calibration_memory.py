@@ -176,13 +176,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from moemerge.io.writer import parse_size
+    from moemerge.sizes import parse_memory
 
     WORK.mkdir(parents=True, exist_ok=True)
     text = calibration_text(WORK / "calibration.txt")
     large = generate(WORK / f"qwen3moe-128x-{args.layers}l", args.layers)
     small = generate(WORK / f"qwen3moe-128x-{args.small_layers}l", args.small_layers)
-    budget = parse_size(args.budget)
+    budget = parse_memory(args.budget)
     split = [sys.executable, "-c", "from moemerge.cli.split_command import main; main()"]
     options = ["--calibration", str(text), "--max-tokens", str(args.tokens), "--seq-len", "256", "--prune-to", "64"]
     rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,17 +41,28 @@ def test_every_example_config_runs_on_the_toy_models(config, toy_folder, monkeyp
     assert (toy_folder / "out" / config.stem / "config.json").is_file()
 
 
-@pytest.mark.parametrize("command", ["yaml", "moe", "split"])
+HELP_SHOWS = {  # an option each command's --help must list
+    "yaml": "--out-shard-size",
+    "moe": "--out-shard-size",
+    "split": "--out-shard-size",
+    "lora": "extract",
+    "lora extract": "--lora-merge-cache",
+    "evolve": "--task-memory",
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_SHOWS))
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_help_and_version_answer_without_importing_torch(command, flag):
+    module, *subcommand = command.split()
     code = (
-        f"import sys; from moemerge.cli.{command}_command import main\n"
-        f"try:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+        f"import sys; from moemerge.cli.{module}_command import main\n"
+        f"try:\n    main({[*subcommand, flag]!r})\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip().endswith("False"), result.stdout
-    assert ("moemerge 0.1.0" in result.stdout) if flag == "--version" else ("--out-shard-size" in result.stdout)
+    assert ("moemerge 0.1.0" in result.stdout) if flag == "--version" else (HELP_SHOWS[command] in result.stdout)
 
 
 def test_a_mistyped_local_path_says_no_such_folder_relative_to_the_working_directory(toy_folder, monkeypatch):
@@ -235,3 +247,65 @@ def test_a_tokenizer_from_another_architecture_is_no_crime(toy_folder, monkeypat
     recipe["models"] = [{"model": f"toy-models/{name}", "parameters": {"weight": 1}} for name in ("coder", "math")]
     result = _run_in(toy_folder, "yaml", recipe, "--dry-run")
     assert result.exit_code == 0, result.output
+
+
+# ---- what a run says: the end-of-run line, and -v adds the plan and the timings ---------------------------------
+
+END_LINE = re.compile(
+    r"^wrote (?P<path>\S+): (?P<tensors>\d+) tensors \((?P<dtype>\w+)\), (?P<size>[\d.]+ k?[MGT]?B) "
+    r"in (?P<shards>\d+) shards?, (?P<seconds>\d+\.\d) s$"
+)
+END_RUNS = {  # command, arguments (in the toy folder), what the plan printed by -v shows
+    "yaml": ("yaml", [str(ROOT / "configs" / "ties.yml"), "out/end-yaml", "--out-shard-size", "300K"], "method: ties"),
+    "moe": ("moe", ["moe-random.yml", "out/end-moe"], "architecture: mixtral from mistral base"),
+    "split": ("split", ["out/end-moe", "out/end-split", "--expert", "1"], "dense MLP from"),
+}
+
+
+def _end_run(toy_folder: Path, name: str, *extra: str):
+    from moemerge.cli.moe_command import main as moe_main
+    from moemerge.cli.split_command import main as split_main
+    from moemerge.cli.yaml_command import main as yaml_main
+
+    command, args, _ = END_RUNS[name]
+    (toy_folder / "moe-random.yml").write_text(
+        "base_model: toy-models/mistral-base\ngate_mode: random\nexperts:\n"
+        "  - source_model: toy-models/mistral-coder\n  - source_model: toy-models/mistral-math\n"
+    )
+    if name == "split" and not (toy_folder / "out" / "end-moe").is_dir():
+        assert _end_run(toy_folder, "moe").exit_code == 0
+    main = {"yaml": yaml_main, "moe": moe_main, "split": split_main}[command]
+    return CliRunner().invoke(main, [*args, "--overwrite", *extra])
+
+
+@pytest.mark.parametrize("name", list(END_RUNS))
+def test_a_run_ends_with_what_it_wrote_and_v_adds_the_plan_and_timings(name, toy_folder, monkeypatch):
+    from safetensors import safe_open
+
+    from moemerge.sizes import format_bytes
+
+    monkeypatch.chdir(toy_folder)
+    plain = _end_run(toy_folder, name)
+    assert plain.exit_code == 0, plain.output
+    out = toy_folder / END_RUNS[name][1][1]
+    shards = sorted(out.glob("*.safetensors"))
+    dtypes = set()
+    tensors = 0
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors += len(handle.keys())
+            dtypes |= {str(handle.get_slice(key).get_dtype()) for key in handle.keys()}
+    end = END_LINE.match(plain.stdout.strip().splitlines()[-1])
+    assert end, plain.output
+    assert end["path"] == END_RUNS[name][1][1] and int(end["tensors"]) == tensors
+    assert int(end["shards"]) == len(shards) and (len(shards) > 1) == (name == "yaml")  # 300K shards: several
+    assert end["size"] == format_bytes(sum(shard.stat().st_size for shard in shards))
+    assert dtypes == {"F32"} and end["dtype"] == "float32"
+    assert "DEBUG" not in plain.output and "timings" not in plain.output
+
+    verbose = _end_run(toy_folder, name, "-v")
+    assert verbose.exit_code == 0, verbose.output
+    assert END_LINE.match(verbose.stdout.strip().splitlines()[-1]), verbose.output
+    assert "DEBUG: plan:\n" in verbose.output and END_RUNS[name][2] in verbose.output
+    timings = next(line for line in verbose.output.splitlines() if line.startswith("DEBUG: timings: "))
+    assert re.search(r"plan \d+\.\d\d s", timings) and re.search(r"(write|merge and write) \d+\.\d\d s", timings)

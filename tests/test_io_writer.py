@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from moemerge.errors import OutputError
-from moemerge.io.writer import INDEX_NAME, ShardedWriter, TensorSpec, assign_shards, parse_size
+from moemerge.io.writer import INDEX_NAME, ShardedWriter, TensorSpec, assign_shards
 
 
 def seeded_tensors() -> dict[str, torch.Tensor]:
@@ -153,15 +153,6 @@ def test_a_full_disk_at_reservation_fails_before_any_work(tmp_path: Path, monkey
     monkeypatch.setattr(os, "posix_fallocate", full_disk)
     with pytest.raises(OutputError, match="disk full"):
         ShardedWriter(tmp_path, [TensorSpec("w", (4,), torch.float32)], 10**9)
-
-
-def test_sizes_parse_with_decimal_units() -> None:
-    assert parse_size("500M") == 500 * 10**6
-    assert parse_size("5G") == 5 * 10**9
-    assert parse_size("1.5GB") == 1_500_000_000
-    assert parse_size(123) == 123
-    with pytest.raises(ValueError, match="cannot read size"):
-        parse_size("lots")
 
 
 def test_a_tensor_written_in_row_blocks_in_any_order_is_byte_identical(tmp_path: Path) -> None:

@@ -7,21 +7,18 @@ from pathlib import Path
 
 import click
 
-from moemerge.cli.options import quiet_option, user_errors, verbose_option
+from moemerge.cli.options import (
+    COMMAND_SETTINGS,
+    allow_crimes_option,
+    memory_size,
+    quiet_option,
+    user_errors,
+    verbose_option,
+    version_option,
+)
 
 
-def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from moemerge.io.writer import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from None
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
@@ -39,19 +36,23 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> in
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="Candidates scored at once.")
 @click.option("--task-cpus", type=float, default=1.0, show_default=True, help="CPUs Ray reserves per candidate.")
 @click.option("--task-gpus", type=float, default=0.0, show_default=True, help="GPUs Ray reserves per candidate.")
-@click.option("--task-memory", default=None, callback=_size, help="Memory Ray reserves per candidate, e.g. 8G.")
+@click.option(
+    "--task-memory", default=None, callback=memory_size, help="Memory Ray reserves per candidate, with a unit (8G)."
+)
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray).")
 @click.option(
     "--device",
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="Where candidates are scored.",
+    help="Where candidates are scored (in the Ray workers).",
 )
+@allow_crimes_option
 @click.option("--resume", is_flag=True, help="Continue the search recorded in OUT.")
 @click.option("--overwrite", is_flag=True, help="Start over in a non-empty OUT.")
 @verbose_option
 @quiet_option
+@version_option
 @user_errors
 def main(
     config_path: Path,
@@ -66,6 +67,7 @@ def main(
     task_memory: int | None,
     ray_address: str | None,
     device: str,
+    allow_crimes: bool,
     resume: bool,
     overwrite: bool,
     verbose: bool,
@@ -86,7 +88,11 @@ def main(
         raise ConfigError(f"{config_path.name}: give exactly the keys 'template' and 'objective'")
     if not isinstance(data["objective"], dict) or not isinstance(data["template"], dict):
         raise ConfigError(f"{config_path.name}: 'template' and 'objective' must be mappings")
-    objective = replace(objective_from_config(data["objective"], config_path.parent), device=device)
+    objective = replace(
+        objective_from_config(data["objective"], config_path.parent),
+        device=device,
+        allow_crimes=allow_crimes,
+    )
     settings = SearchSettings(
         population, generations, seed, sigma, max_concurrent, task_cpus, task_gpus, task_memory, ray_address
     )

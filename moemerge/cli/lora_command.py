@@ -7,22 +7,25 @@ from pathlib import Path
 import click
 
 from moemerge.cli.options import (
+    COMMAND_SETTINGS,
     device_option,
+    mergekit_flags,
     overwrite_option,
     quiet_option,
     resolve_device,
     user_errors,
     verbose_option,
+    version_option,
 )
-from moemerge.lora.extract import ExtractOptions, extract_lora
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=COMMAND_SETTINGS)
+@version_option
 def main() -> None:
     """LoRA adapters: extract one from a fine-tune (`base+adapter` references read them into merges)."""
 
 
-@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@main.command(context_settings=COMMAND_SETTINGS)
 @click.argument("finetune")
 @click.argument("base")
 @click.argument("out", type=click.Path(path_type=Path))
@@ -48,7 +51,16 @@ def main() -> None:
 @overwrite_option
 @verbose_option
 @quiet_option
+@version_option
 @user_errors
+@mergekit_flags(
+    "lazy_unpickle",
+    "clone_tensors",
+    "lora_merge_cache",
+    low_cpu_memory="the weights are read one tensor pair at a time",
+    copy_tokenizer="an adapter folder holds no tokenizer",
+    allow_crimes="the fine-tune and its base must share every tensor shape",
+)
 def extract(
     finetune: str,
     base: str,
@@ -70,6 +82,8 @@ def extract(
 ) -> None:
     """Write the difference FINETUNE − BASE as a PEFT LoRA adapter in OUT (truncated SVD per tensor)."""
     import torch
+
+    from moemerge.lora.extract import ExtractOptions, extract_lora
 
     options = ExtractOptions(
         rank=rank if rank is not None or energy is not None else 32,

@@ -69,15 +69,16 @@ from moemerge.cli.options import (
     help="gate_mode fitted: route each calibration token to the expert whose text it is from, or to the expert "
     "whose model predicts its next token best.",
 )
-@click.option(
-    "--allow-crimes",
-    "allow_crimes",
-    is_flag=True,
-    help="mergekit's; experts of another architecture than the base are always refused here (no effect).",
-)
 @version_option
 @user_errors
-@mergekit_flags("lazy_unpickle", "low_cpu_memory", "clone_tensors", "lora_merge_cache", "understand_untrained")
+@mergekit_flags(
+    "lazy_unpickle",
+    "low_cpu_memory",
+    "clone_tensors",
+    "lora_merge_cache",
+    "understand_untrained",
+    allow_crimes="experts of another architecture than the base are always refused",
+)
 def main(
     config_path: Path,
     out: Path,
@@ -98,7 +99,6 @@ def main(
     hidden_pool: str,
     router_input: str,
     fit_labels: str,
-    allow_crimes: bool,
 ) -> None:
     """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT.
 

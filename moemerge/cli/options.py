@@ -32,11 +32,12 @@ def _shard_size(_ctx: click.Context, _param: click.Parameter, value: str) -> int
         raise click.BadParameter(str(error).removeprefix("--out-shard-size: ")) from None
 
 
-def _memory(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+def memory_size(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """Memory budgets (--max-memory, evolve's --task-memory): a unit is required; `auto` or unset is None."""
     try:
-        return parse_memory(value)  # None: the executor picks a quarter of RAM, between 1 GB and 16 GB
+        return parse_memory(value)
     except ValueError as error:
-        raise click.BadParameter(str(error).removeprefix("--max-memory: ")) from None
+        raise click.BadParameter(str(error).split(": ", 1)[-1]) from None
 
 
 version_option = click.version_option(__version__, "--version", prog_name="moemerge", message="%(prog)s %(version)s")
@@ -61,7 +62,7 @@ max_memory_option = click.option(
     "--max-memory",
     default="auto",
     show_default=True,
-    callback=_memory,
+    callback=memory_size,
     help="Memory budget for tensors in flight, with a unit (2G, 512M); auto = a quarter of RAM (1G to 16G).",
 )
 workers_option = click.option(
@@ -90,8 +91,8 @@ copy_tokenizer_option = click.option(
     help="Copy the tokenizer files into the output.",
 )
 allow_crimes_option = click.option(
-    "--allow-crimes",
-    is_flag=True,
+    "--allow-crimes/--no-allow-crimes",
+    default=False,
     help="Merge models of different architectures, and skip inputs whose tensor shapes do not match.",
 )
 trust_remote_code_option = click.option(
@@ -118,35 +119,40 @@ MERGEKIT_NOOPS: dict[str, tuple[str, str]] = {
         "--i-understand-this-is-not-useful-without-training",
         "moemerge-moe never asks for this confirmation",
     ),
+    "copy_tokenizer": ("--copy-tokenizer", "nothing here has a tokenizer to copy"),
+    "allow_crimes": ("--allow-crimes", "nothing here mixes architectures"),
 }
 
 
-def mergekit_flags(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Accept mergekit's `--cuda` (= --device cuda) and the harmless flags in `names`, noting the ones that do nothing.
+def mergekit_flags(*names: str, **reasons: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Accept mergekit's `--cuda` (= --device cuda) and the harmless flags in `names` (or in `reasons`, with the
+    command's own reason), each as `--flag/--no-flag` like mergekit's, noting the ones given that do nothing.
 
     The flags are consumed here, so the command's function sees only `device` changed by `--cuda`.
     """
+    noops = {name: MERGEKIT_NOOPS[name] for name in names}
+    noops |= {name: (MERGEKIT_NOOPS[name][0], why) for name, why in reasons.items()}
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if kwargs.pop("cuda", False):
                 kwargs["device"] = "cuda"
-            for name in names:
-                given = kwargs.pop(name, None)
-                if given:
-                    flag, why = MERGEKIT_NOOPS[name]
+            for name, (flag, why) in noops.items():
+                if kwargs.pop(name, None):
                     log.info("%s is accepted for mergekit compatibility and has no effect: %s", flag, why)
             return command(*args, **kwargs)
 
-        for name in reversed(names):
-            flag, why = MERGEKIT_NOOPS[name]
+        for name, (flag, why) in reversed(noops.items()):
             if name == "lora_merge_cache":
                 option = click.option(flag, name, metavar="PATH", default=None, help=f"mergekit's; no effect ({why}).")
-            else:
+            elif name == "understand_untrained":  # a plain flag in mergekit too
                 option = click.option(flag, name, is_flag=True, help=f"mergekit's; no effect ({why}).")
+            else:
+                negative = flag.replace("--", "--no-", 1)
+                option = click.option(f"{flag}/{negative}", name, default=False, help=f"mergekit's; no effect ({why}).")
             wrapper = option(wrapper)
-        return click.option("--cuda", is_flag=True, help="mergekit's spelling of --device cuda.")(wrapper)
+        return click.option("--cuda/--no-cuda", default=False, help="mergekit's spelling of --device cuda.")(wrapper)
 
     return decorate
 

@@ -15,10 +15,10 @@ class MergedModel:
     tokenizer_folder: Path
 
 
-def merge_in_memory(recipe: dict, *, random_seed: int = 0) -> MergedModel:
+def merge_in_memory(recipe: dict, *, random_seed: int = 0, allow_crimes: bool = False) -> MergedModel:
     """A dense recipe (a plain dict) merged into memory through the Python API, as `moemerge-yaml` would write it."""
     from moemerge.api import merge_state_dict, plan_merge
 
-    plan = plan_merge(recipe)
+    plan = plan_merge(recipe, allow_crimes=allow_crimes)
     state = merge_state_dict(plan, random_seed=random_seed)  # each tensor as the file would hold it
     return MergedModel(state, dict(plan.config), plan.tokenizer_folder)

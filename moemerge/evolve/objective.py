@@ -39,6 +39,7 @@ class Objective:
     max_tokens: int = 16384
     batch_size: int = 8
     device: str = "cpu"
+    allow_crimes: bool = False  # candidates may merge models of different architectures (--allow-crimes)
     extra: dict = field(default_factory=dict)
 
 
@@ -130,7 +131,7 @@ def score_candidate(recipe: dict, objective: Objective) -> dict:
 
     started = time.monotonic()
     torch.manual_seed(0)
-    merged = merge_in_memory(recipe)
+    merged = merge_in_memory(recipe, allow_crimes=objective.allow_crimes)
     if objective.kind == "callable":
         value = float(
             load_callable(objective.function)(state_dict=merged.state_dict, config=merged.config, recipe=recipe)

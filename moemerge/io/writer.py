@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,18 +24,6 @@ from moemerge.io.loader import SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str | int) -> int:
-    """'500M', '5G', '5GB' or a plain byte count → bytes (decimal units, as Hugging Face uses)."""
-    if isinstance(text, int):
-        return text
-    match = SIZE_PATTERN.match(text)
-    if not match:
-        raise ValueError(f"cannot read size {text!r}; use a byte count or a number with K, M, G or T")
-    return int(float(match[1]) * SIZE_UNITS[match[2].upper()])
 
 
 @dataclass(frozen=True)
