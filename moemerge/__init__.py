@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from moemerge import split  # noqa: E402  (a callable package: moemerge.split(model, out, ...) is moemerge.api.split)
 from moemerge.api import (  # noqa: E402  (after __version__, which the CLI reads without the API)
+    WriteOptions,
     build_moe,
     iter_merged,
     load_recipe,
@@ -24,6 +25,7 @@ from moemerge.io.summary import WriteSummary  # noqa: E402
 
 __all__ = [
     "__version__",
+    "WriteOptions",
     "WriteSummary",
     "build_moe",
     "iter_merged",

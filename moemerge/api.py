@@ -11,8 +11,9 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -71,6 +72,38 @@ def _sizes(out_shard_size: str | int, max_memory: str | int | None) -> tuple[int
         raise ConfigError(str(error)) from None
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """The options of every job that writes a model folder (merge, build_moe, split), as the commands share them.
+
+    Sizes are checked when the options are made, before anything heavy loads.
+    """
+
+    device: str = "cpu"  # cpu | cuda | auto
+    out_shard_size: str | int = "5B"  # as mergekit reads it: 5B = five billion bytes; also 500M, 5GB, 2GiB
+    max_memory: str | int | None = None  # with a unit (4G); None: a quarter of RAM, 1 GB to 16 GB
+    workers: int | None = None  # tensors computed at once (default: one per core)
+    overwrite: bool = False
+    allow_nonfinite: bool = False  # write NaN/Inf (or float16 overflow) with a warning instead of failing
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _sizes(self.out_shard_size, self.max_memory)
+
+    def resolved(self, shard_field: str = "max_shard_bytes") -> dict:
+        """The fields as a job's own options take them: the device resolved, sizes in bytes."""
+        shard_bytes, memory = _sizes(self.out_shard_size, self.max_memory)
+        return {
+            "device": resolve_device(self.device),
+            shard_field: shard_bytes,
+            "max_memory": memory,
+            "workers": self.workers,
+            "overwrite": self.overwrite,
+            "allow_nonfinite": self.allow_nonfinite,
+            "progress": self.progress,
+        }
+
+
 class _Stopwatch:
     """Seconds per stage, logged as each ends (shown with -v)."""
 
@@ -107,32 +140,27 @@ def merge(
     recipe: str | os.PathLike | dict | MergeRecipe,
     out: str | os.PathLike,
     *,
-    device: str = "cpu",
     random_seed: int = 0,
-    out_shard_size: str | int = "5B",
-    max_memory: str | int | None = None,
-    workers: int | None = None,
     copy_tokenizer: bool = True,
     allow_crimes: bool = False,
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = True,
     executor: str = "local",
     ray_address: str | None = None,
     intermediate_dir: str | os.PathLike | None = None,
     keep_intermediates: bool = False,
     dry_run: bool = False,
     verbose_plan: bool = False,
+    **write: Any,
 ) -> WriteSummary | str:
-    """Merge the recipe's models into the folder `out` (what `moemerge-yaml` does).
+    """Merge the recipe's models into the folder `out` (what `moemerge-yaml` does); `write`: WriteOptions' fields.
 
     Returns what was written; with dry_run=True, the plan as text instead (nothing is read but headers).
     A YAML file of several `---` documents is a multi-stage recipe: its stages run in dependency order, the
     intermediates in `intermediate_dir` (default: a hidden folder beside `out`). executor="ray" writes each
-    output shard as a Ray task (joining `ray_address`, else a local Ray).
+    output shard as a Ray task (joining `ray_address`, else a local Ray). allow_crimes: merge models of
+    different architectures.
     """
     stages, recipe_text = _stages(recipe)
-    shard_bytes, memory = _sizes(out_shard_size, max_memory)
+    common = WriteOptions(**write)
     from moemerge.dense_merge import RunOptions, describe_plan, run_merge
     from moemerge.io.loader import ModelPool
     from moemerge.io.output_dir import check_target
@@ -140,19 +168,13 @@ def merge(
 
     clock = _Stopwatch()
     if not dry_run:
-        check_target(Path(out), overwrite)
+        check_target(Path(out), common.overwrite)
     options = RunOptions(
-        device=resolve_device(device),
         random_seed=random_seed,
-        out_shard_size=shard_bytes,
-        max_memory=memory,
-        workers=workers,
         copy_tokenizer=copy_tokenizer,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        progress=progress,
         executor=executor,
         ray_address=ray_address,
+        **common.resolved("out_shard_size"),
     )
     intermediates = Path(intermediate_dir) if intermediate_dir is not None else None
     if len(stages) > 1:
@@ -242,51 +264,40 @@ def build_moe(
     recipe: str | os.PathLike | dict | MoeRecipe,
     out: str | os.PathLike,
     *,
-    device: str = "cpu",
     random_seed: int = 0,
-    out_shard_size: str | int = "5B",
-    max_memory: str | int | None = None,
-    workers: int | None = None,
     copy_tokenizer: bool = True,
     trust_remote_code: bool = False,
     hidden_pool: str = "last",
     router_input: str = "layer",
     fit_labels: str = "source",
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = True,
     executor: str = "local",
     ray_address: str | None = None,
     dry_run: bool = False,
     verbose_plan: bool = False,
+    **write: Any,
 ) -> WriteSummary | str:
     """Assemble a mixture of experts from dense models (what `moemerge-moe` does); dry_run returns the plan.
 
-    executor="ray" writes each output shard as a Ray task (the routers are computed here first).
+    `write`: WriteOptions' fields. executor="ray" writes each output shard as a Ray task (the routers are
+    computed here first).
     """
     parsed, recipe_data = load_moe(recipe)
-    shard_bytes, memory = _sizes(out_shard_size, max_memory)
+    common = WriteOptions(**write)
     from moemerge.moe.assemble import MoeOptions, assemble_moe, describe_recipe
 
     if dry_run:
         return describe_recipe(parsed, per_tensor=verbose_plan)
     clock = _Stopwatch()
     options = MoeOptions(
-        device=resolve_device(device),
         random_seed=random_seed,
-        max_shard_bytes=shard_bytes,
         copy_tokenizer=copy_tokenizer,
         trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         hidden_pool=hidden_pool,
         router_input=router_input,
         fit_labels=fit_labels,
-        progress=progress,
         executor=executor,
         ray_address=ray_address,
-        max_memory=memory,
-        workers=workers,
+        **common.resolved(),
     )
     assemble_moe(parsed, recipe_data, Path(out), options, stage=clock.stage)
     return clock.summary(Path(out))
@@ -311,23 +322,18 @@ def split(
     seq_len: int = 256,
     max_tokens: int = 65536,
     batch_size: int = 8,
-    device: str = "cpu",
-    out_shard_size: str | int = "5B",
-    max_memory: str | int | None = None,
-    workers: int | None = None,
     trust_remote_code: bool = False,
-    overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    progress: bool = True,
     dry_run: bool = False,
     verbose_plan: bool = False,
+    **write: Any,
 ) -> WriteSummary | str:
     """Take experts out of an MoE as dense models, or prune it (what `moemerge-split` does); dry_run returns the plan.
 
     Exactly one of expert, all_experts, average, select ("top-usage" or "concat:K") and prune_to; select and
-    prune_to need `calibration` (a text file) or `usage` (the JSON a previous run's report wrote).
+    prune_to need `calibration` (a text file) or `usage` (the JSON a previous run's report wrote). `write`:
+    WriteOptions' fields.
     """
-    shard_bytes, memory = _sizes(out_shard_size, max_memory)
+    common = WriteOptions(**write)
     from moemerge.split.run import SplitOptions, split_model
 
     clock = _Stopwatch()
@@ -344,14 +350,8 @@ def split(
         seq_len=seq_len,
         max_tokens=max_tokens,
         batch_size=batch_size,
-        device=resolve_device(device),
-        max_shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         trust_remote_code=trust_remote_code,
-        progress=progress,
-        max_memory=memory,
-        workers=workers,
+        **common.resolved(),
     )
     result = split_model(str(model), Path(out), options, dry_run=dry_run, per_tensor=verbose_plan, stage=clock.stage)
     if isinstance(result, str):

@@ -277,9 +277,19 @@ class DenseOutputs:
 
 
 def run_merge(
-    plan: MergePlan, recipe: MergeRecipe, recipe_text: str, pool: ModelPool, out: Path, options: RunOptions
+    plan: MergePlan,
+    recipe: MergeRecipe,
+    recipe_text: str,
+    pool: ModelPool,
+    out: Path,
+    options: RunOptions,
+    inputs: list[str] | None = None,
 ) -> Path:
-    """Write the merged model folder at `out`, atomically."""
+    """Write the merged model folder at `out`, atomically.
+
+    `inputs`: the models the model card names (default: the plan's); a multi-stage merge names its chain's own
+    inputs, not the intermediate folders it read and removed.
+    """
     with staged_output(out, options.overwrite) as folder:
         write_outputs(
             folder,
@@ -306,12 +316,13 @@ def run_merge(
             copy=options.copy_tokenizer,
         )
         (folder / "moemerge_config.yml").write_text(recipe_text)
-        base = f" with {recipe.base_model} as the base" if recipe.base_model else ""
+        inputs = plan.models if inputs is None else inputs
+        base = f" with {recipe.base_model} as the base" if recipe.base_model in inputs else ""
         write_model_card(
             folder,
             title="Merged model",
-            base_models=plan.models,
-            summary=f"This model is a merge of {len(plan.models)} models using the `{plan.method.name}` method{base}.",
+            base_models=inputs,
+            summary=f"This model is a merge of {len(inputs)} models using the `{plan.method.name}` method{base}.",
             recipe_text=recipe_text if recipe_text.endswith("\n") else recipe_text + "\n",
         )
     return Path(out)

@@ -62,7 +62,13 @@ def is_complete(folder: Path, fingerprint: str) -> bool:
 
 
 def _run_stage(
-    stage: Stage, paths: StagePaths, target: Path, recipe_text: str | None, options: RunOptions, allow_crimes: bool
+    stage: Stage,
+    paths: StagePaths,
+    target: Path,
+    recipe_text: str | None,
+    options: RunOptions,
+    allow_crimes: bool,
+    inputs: list[str] | None = None,
 ) -> None:
     recipe, document = stage.resolved(paths.folders)
     pool = ModelPool()
@@ -71,12 +77,14 @@ def _run_stage(
     except MoemergeError as error:
         raise type(error)(f"stage {stage.label}: {error}") from None
     text = recipe_text if recipe_text is not None else yaml.safe_dump(document, sort_keys=False)
-    run_merge(plan, recipe, text, pool, target, options)
+    run_merge(plan, recipe, text, pool, target, options, inputs)
 
 
-def open_inputs(stages: list[Stage], paths: StagePaths) -> None:
-    """Open every model the stages read that no stage writes: a typo in the last stage fails before the first merges."""
+def open_inputs(stages: list[Stage], paths: StagePaths) -> list[str]:
+    """Open every model the stages read that no stage writes (a typo in the last stage fails before the first
+    merges); returns them, the chain's real inputs."""
     pool = ModelPool()
+    inputs = []
     for stage in stages:
         for key, reference in model_references(stage.recipe):
             if reference.split("+", 1)[0] in paths.folders:
@@ -85,6 +93,8 @@ def open_inputs(stages: list[Stage], paths: StagePaths) -> None:
                 pool.get(reference)
             except MoemergeError as error:
                 raise type(error)(f"stage {stage.label}: {key}: {error}") from None
+            inputs.append(reference)
+    return list(dict.fromkeys(inputs))
 
 
 def run_stages(
@@ -99,7 +109,7 @@ def run_stages(
 ) -> Path:
     """Merge every stage in order, the last into `out`; complete intermediates from an earlier run are reused."""
     paths = stage_paths(stages, out, intermediate_dir, options.random_seed)
-    open_inputs(stages, paths)
+    inputs = open_inputs(stages, paths)
     intermediate_options = replace(options, overwrite=True)  # the intermediate folders are moemerge's own
     for index, stage in enumerate(stages[:-1], start=1):
         folder = paths.folders[stage.name]
@@ -113,7 +123,7 @@ def run_stages(
         marker = {"stage": stage.name, "fingerprint": fingerprint}
         (folder / STAGE_MARKER).write_text(json.dumps(marker) + "\n")  # last: the stage is now complete
     log.info("stage %d/%d %s: merging into %s", len(stages), len(stages), stages[-1].label, out)
-    _run_stage(stages[-1], paths, out, recipe_text, options, allow_crimes)
+    _run_stage(stages[-1], paths, out, recipe_text, options, allow_crimes, inputs)
     if not keep_intermediates:
         for folder in paths.folders.values():
             shutil.rmtree(folder, ignore_errors=True)

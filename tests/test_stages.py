@@ -74,6 +74,8 @@ def test_three_stages_run_in_order_and_clean_up(toy_models, reference, run_yaml,
     assert_same(tmp_path / "out", reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stages.yml"]  # intermediates removed
     assert (tmp_path / "out" / "moemerge_config.yml").read_text() == path.read_text()
+    card = (tmp_path / "out" / "README.md").read_text()  # names the chain's inputs, not its removed intermediates
+    assert "moemerge-stages" not in card and "a merge of 4 models using the `slerp` method" in card
 
 
 def test_a_rerun_reuses_complete_stages_and_redoes_an_interrupted_one(toy_models, reference, run_yaml, tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moemerge.methods.registry import MergeMethod, NoParams, Params, register
+from moemerge.methods.registry import Params, base_and_other, register_against_base
 
 PROBABILITY_FLOOR = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
@@ -43,10 +43,7 @@ def merge(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """base + (x − base) · [importance ≥ median + 1.5 (Q3 − Q1)]."""
-    assert base is not None
-    (other,) = tensors
-    dtype = torch.promote_types(base.dtype, torch.float32)
-    other = other.to(dtype)
+    base, other = base_and_other(tensors, base)
     scores = importance(other, base)
     first, median, third = quartiles(scores)
     fused = scores >= median + 1.5 * (third - first)
@@ -54,13 +51,4 @@ def merge(
     return other.sub_(base).mul_(fused).add_(base)
 
 
-register(
-    MergeMethod(
-        name="arcee_fusion",
-        merge=merge,
-        model_params=NoParams,
-        method_params=NoParams,
-        uses_base=True,
-        model_count=1,
-    )
-)
+register_against_base("arcee_fusion", merge)

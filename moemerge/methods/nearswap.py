@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moemerge.methods.registry import MergeMethod, NoParams, Params, register
+from moemerge.methods.registry import Params, base_and_other, register_against_base
 
 DISTANCE_FLOOR = 1e-6
 
@@ -27,22 +27,9 @@ def merge(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """w x + (1 − w) base, w = clamp(t / max(|base − x|, 1e-6), 0, 1) per entry."""
-    assert base is not None
-    (other,) = tensors
-    dtype = torch.promote_types(base.dtype, torch.float32)
-    other = other.to(dtype)
+    base, other = base_and_other(tensors, base)
     share = (method_params.t / torch.sub(base, other).abs_().clamp_(min=DISTANCE_FLOOR)).clamp_(0.0, 1.0)
     return other.mul_(share).add_(base * (1.0 - share))
 
 
-register(
-    MergeMethod(
-        name="nearswap",
-        merge=merge,
-        model_params=NoParams,
-        method_params=NearswapParams,
-        uses_base=True,
-        model_count=1,
-        elementwise=True,
-    )
-)
+register_against_base("nearswap", merge, NearswapParams, elementwise=True)

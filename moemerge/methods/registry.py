@@ -104,6 +104,31 @@ def register(method: MergeMethod) -> MergeMethod:
     return method
 
 
+def register_against_base(name: str, merge: MergeFunction, method_params: type[Params] = NoParams, **fields) -> None:
+    """Register a method that merges base_model with exactly one other model (nearswap, arcee_fusion)."""
+    register(
+        MergeMethod(
+            name=name,
+            merge=merge,
+            model_params=NoParams,
+            method_params=method_params,
+            uses_base=True,
+            model_count=1,
+            **fields,
+        )
+    )
+
+
+def base_and_other(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base and the one other input of a method registered against the base, the other in at least float32.
+
+    The other input is this call's own copy (see MergeFunction): the method may compute in its memory.
+    """
+    assert base is not None
+    (other,) = tensors
+    return base, other.to(torch.promote_types(base.dtype, torch.float32))
+
+
 def get_method(name: str) -> MergeMethod:
     from moemerge.methods import catalogue  # noqa: F401  (imports every method module, which registers itself)
 
