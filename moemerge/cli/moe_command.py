@@ -4,45 +4,36 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from moemerge.cli.options import (
     COMMAND_SETTINGS,
-    allow_nonfinite_option,
     copy_tokenizer_option,
-    device_option,
     dry_run_option,
     executor_option,
-    max_memory_option,
     mergekit_flags,
-    overwrite_option,
     quiet_option,
     ray_address_option,
     seed_option,
-    shard_size_option,
     trust_remote_code_option,
     user_errors,
     verbose_option,
     version_option,
-    workers_option,
+    write_options,
 )
 
 
 @click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@device_option
+@write_options
 @seed_option
-@shard_size_option
-@max_memory_option
-@workers_option
 @executor_option
 @ray_address_option
 @copy_tokenizer_option
 @trust_remote_code_option
-@overwrite_option
-@allow_nonfinite_option
 @dry_run_option
 @verbose_option
 @quiet_option
@@ -82,23 +73,18 @@ from moemerge.cli.options import (
 def main(
     config_path: Path,
     out: Path,
-    device: str,
     random_seed: int,
-    out_shard_size: int,
-    max_memory: int | None,
-    workers: int | None,
     executor: str,
     ray_address: str | None,
     copy_tokenizer: bool,
     trust_remote_code: bool,
-    overwrite: bool,
-    allow_nonfinite: bool,
     dry_run: bool,
     verbose: bool,
     quiet: bool,
     hidden_pool: str,
     router_input: str,
     fit_labels: str,
+    **write: Any,
 ) -> None:
     """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT.
 
@@ -109,11 +95,7 @@ def main(
     result = build_moe(
         config_path,
         out,
-        device=device,
         random_seed=random_seed,
-        out_shard_size=out_shard_size,
-        max_memory=max_memory,
-        workers=workers,
         executor=executor,
         ray_address=ray_address,
         router_input=router_input,
@@ -121,11 +103,10 @@ def main(
         copy_tokenizer=copy_tokenizer,
         trust_remote_code=trust_remote_code,
         hidden_pool=hidden_pool,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         dry_run=dry_run,
         verbose_plan=verbose,
+        **write,
     )
     if dry_run or not quiet:
         click.echo(str(result))

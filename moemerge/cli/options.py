@@ -109,6 +109,17 @@ verbose_option = click.option(
 )
 quiet_option = click.option("--quiet", is_flag=True, help="Only warnings and errors; no progress bar or summary.")
 
+
+def write_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every command that writes a model folder takes: `--device`, `--out-shard-size`, `--max-memory`,
+    `--workers`, `--overwrite`, `--allow-nonfinite`; the command receives them as the API's WriteOptions fields."""
+    for option in reversed(
+        (device_option, shard_size_option, max_memory_option, workers_option, overwrite_option, allow_nonfinite_option)
+    ):
+        command = option(command)
+    return command
+
+
 # mergekit options that change nothing here, with why; accepted so that mergekit command lines run unchanged.
 MERGEKIT_NOOPS: dict[str, tuple[str, str]] = {
     "lazy_unpickle": ("--lazy-unpickle", "moemerge always reads tensors lazily"),

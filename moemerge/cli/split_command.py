@@ -4,24 +4,20 @@ over `moemerge.split`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from moemerge.cli.options import (
     COMMAND_SETTINGS,
-    allow_nonfinite_option,
-    device_option,
     dry_run_option,
-    max_memory_option,
     mergekit_flags,
-    overwrite_option,
     quiet_option,
-    shard_size_option,
     trust_remote_code_option,
     user_errors,
     verbose_option,
     version_option,
-    workers_option,
+    write_options,
 )
 
 
@@ -60,12 +56,7 @@ from moemerge.cli.options import (
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Calibration sequences per batch."
 )
-@device_option
-@shard_size_option
-@max_memory_option
-@workers_option
-@overwrite_option
-@allow_nonfinite_option
+@write_options
 @trust_remote_code_option
 @dry_run_option
 @verbose_option
@@ -88,16 +79,11 @@ def main(
     seq_len: int,
     max_tokens: int,
     batch_size: int,
-    device: str,
-    out_shard_size: int,
-    max_memory: int | None,
-    workers: int | None,
-    overwrite: bool,
-    allow_nonfinite: bool,
     trust_remote_code: bool,
     dry_run: bool,
     verbose: bool,
     quiet: bool,
+    **write: Any,
 ) -> None:
     """Take experts out of the MoE at MODEL and write them to OUT.
 
@@ -121,16 +107,11 @@ def main(
         seq_len=seq_len,
         max_tokens=max_tokens,
         batch_size=batch_size,
-        device=device,
-        out_shard_size=out_shard_size,
-        max_memory=max_memory,
-        workers=workers,
         trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         dry_run=dry_run,
         verbose_plan=verbose,
+        **write,
     )
     if dry_run or not quiet:
         click.echo(str(result))

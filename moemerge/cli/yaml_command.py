@@ -3,40 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from moemerge.cli.options import (
     COMMAND_SETTINGS,
     allow_crimes_option,
-    allow_nonfinite_option,
     copy_tokenizer_option,
-    device_option,
     dry_run_option,
     executor_option,
-    max_memory_option,
     mergekit_flags,
-    overwrite_option,
     quiet_option,
     ray_address_option,
     seed_option,
-    shard_size_option,
     trust_remote_code_option,
     user_errors,
     verbose_option,
     version_option,
-    workers_option,
+    write_options,
 )
 
 
 @click.command(context_settings=COMMAND_SETTINGS)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@device_option
+@write_options
 @seed_option
-@shard_size_option
-@max_memory_option
-@workers_option
 @copy_tokenizer_option
 @allow_crimes_option
 @executor_option
@@ -49,8 +42,6 @@ from moemerge.cli.options import (
 )
 @click.option("--keep-intermediates", is_flag=True, help="Multi-stage recipes: keep the intermediate merges.")
 @trust_remote_code_option
-@overwrite_option
-@allow_nonfinite_option
 @dry_run_option
 @verbose_option
 @quiet_option
@@ -60,11 +51,7 @@ from moemerge.cli.options import (
 def main(
     config_path: Path,
     out: Path,
-    device: str,
     random_seed: int,
-    out_shard_size: int,
-    max_memory: int | None,
-    workers: int | None,
     copy_tokenizer: bool,
     allow_crimes: bool,
     executor: str,
@@ -72,11 +59,10 @@ def main(
     intermediate_dir: Path | None,
     keep_intermediates: bool,
     trust_remote_code: bool,
-    overwrite: bool,
-    allow_nonfinite: bool,
     dry_run: bool,
     verbose: bool,
     quiet: bool,
+    **write: Any,
 ) -> None:
     """Merge the models of a YAML recipe (mergekit format; several `---` documents: a multi-stage recipe) into OUT.
 
@@ -88,15 +74,9 @@ def main(
     result = merge(
         config_path,
         out,
-        device=device,
         random_seed=random_seed,
-        out_shard_size=out_shard_size,
-        max_memory=max_memory,
-        workers=workers,
         copy_tokenizer=copy_tokenizer,
         allow_crimes=allow_crimes,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         executor=executor,
         ray_address=ray_address,
@@ -104,6 +84,7 @@ def main(
         keep_intermediates=keep_intermediates,
         dry_run=dry_run,
         verbose_plan=verbose,
+        **write,
     )
     if dry_run or not quiet:
         click.echo(str(result))
