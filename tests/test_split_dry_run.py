@@ -72,7 +72,7 @@ def test_prune_dry_run_per_tensor_names_each_kept_expert(split_models, calibrate
             row = table[f"model.layers.{layer}.block_sparse_moe.experts.{new_index}.w2.weight"]
             assert row[1:5] == ["64×128", "float32", format_bytes(64 * 128 * 4), f"expert {old_index}"]
         router = table[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
-        assert router[4] == "rows " + ", ".join(map(str, described["kept_experts"]))
+        assert router[4] == "slice of experts " + ", ".join(map(str, described["kept_experts"]))
     assert table["model.embed_tokens.weight"][4] == "copied"
 
 
@@ -94,3 +94,14 @@ def test_all_experts_dry_run_is_one_row_per_folder(split_models, tmp_path):
         f"expert {e} in every layer" for e in range(4)
     ]
     assert "4 folders" in table["total"] and "{" not in output
+
+
+def test_fused_only_family_per_tensor_dry_run_names_the_sliced_experts(split_models, tmp_path):
+    output = ok(run_split(split_models["gpt_oss"], tmp_path / "out", "--prune-to", 2, "--calibration",
+                          split_models["calibration"], "--max-tokens", 64, "--dry-run", "-v"))  # fmt: skip
+    table = rows(output)
+    assert not any(key.isdigit() for key in table)  # one row per tensor, none per layer
+    for layer in range(4):
+        fused = table[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        assert fused[1].startswith("2×") and re.fullmatch(r"slice of experts \d, \d", fused[4]), fused
+        assert table[f"model.layers.{layer}.mlp.router.bias"][4] == fused[4]

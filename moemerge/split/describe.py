@@ -102,8 +102,11 @@ def _header(output: SplitOutput, source: MoeSource, usage: RouterUsage | None, p
 
 
 def _tensor_origins(output: SplitOutput, source: MoeSource) -> dict[str, str]:
-    """Pruned outputs: each kept expert's new tensor name → `expert OLD` (the experts are renumbered 0..K-1)."""
-    if output.mode != "prune":
+    """Pruned outputs: each kept expert's new tensor name → `expert OLD` (the experts are renumbered 0..K-1).
+
+    A fused-only family (GPT-OSS) keeps its fused tensors, sliced: they read `slice of experts ...`.
+    """
+    if output.mode != "prune" or source.fused_only:
         return {}
     origins = {}
     for layer, described in output.layers.items():
@@ -130,7 +133,7 @@ def layer_table(
             elif source.model.has(spec.name):
                 same = tuple(source.model.shape(spec.name)) == tuple(spec.shape)
                 routed = output.layers.get(layer, {}).get("kept_experts", [])
-                cells = ["copied" if same else f"rows {experts_text(routed)}", *[""] * (len(cells) - 1)]
+                cells = ["copied" if same else f"slice of experts {experts_text(routed)}", *[""] * (len(cells) - 1)]
             shape = "×".join(str(size) for size in spec.shape)
             rows.append([spec.name, shape, _dtype_name(spec.dtype), format_bytes(spec.nbytes), *cells])
     else:
