@@ -12,9 +12,10 @@ import demo  # noqa: E402
 
 
 def test_demo_line_shows_decoded_text_and_the_logit_shift(toy_models, capsys):
-    demo.generate(toy_models["coder"], demo.prompt_logits(toy_models["base"]))
+    base_logits = demo.prompt_logits(toy_models["base"])
+    demo.generate(toy_models["coder"], base_logits)
     same = capsys.readouterr().out
-    demo.generate(toy_models["base"], demo.prompt_logits(toy_models["base"]))
+    demo.generate(toy_models["base"], base_logits)
     line = capsys.readouterr().out.strip()
     match = re.fullmatch(r"base: LlamaForCausalLM, 4 layers; 'Merging language models' -> '(.*)'; Δlogit (\S+)", line)
     assert match, line
