@@ -127,6 +127,20 @@ class MoeLayout:
     recipe_names: tuple[str, ...] = ()
     unfit_bases: tuple[tuple[str, str], ...] = ()
     holds_biases: bool = True
+    holds_sliding_window: bool = True  # attends within a base's sliding window (else warned: whole context)
+    # Where the dense twin depends on the config (a GLM-4-MoE built from a dense model by moemerge-moe): the first
+    # (dense type, ((config key, its default when unset, value needed), ...)) whose values all hold wins.
+    dense_twins: tuple[tuple[str, tuple[tuple[str, object, object], ...]], ...] = ()
+
+    def dense_type_for(self, config: dict) -> str | None:
+        """The dense architecture one expert of this MoE becomes, by its config; None where there is none."""
+        if not self.dense_twins:
+            return self.dense_model_type
+        config = text_config(config)
+        for dense_type, needs in self.dense_twins:
+            if all(_config_value(config, key, default) == value for key, default, value in needs):
+                return dense_type
+        return None
 
     def expert_templates(self) -> tuple[str, str, str] | None:
         if self.expert_gate is None or self.expert_up is None or self.expert_down is None:
@@ -383,7 +397,7 @@ def _qwen_moe(dense_model_type: str | None, shared: bool = False, **assembly) ->
     )
 
 
-def _deepseek_moe(router_kind: str, expert_count_key: str) -> MoeLayout:
+def _deepseek_moe(router_kind: str, expert_count_key: str, **extra) -> MoeLayout:
     """DeepSeek-V2/V3 and GLM-4-MoE: n_shared_experts expert-sized shared experts as one MLP, first k layers dense."""
     return MoeLayout(
         **QWEN_EXPERTS,
@@ -398,7 +412,24 @@ def _deepseek_moe(router_kind: str, expert_count_key: str) -> MoeLayout:
         shared_count_key="n_shared_experts",
         first_dense_key="first_k_dense_replace",
         dense_model_type=None,
+        **extra,
     )
+
+
+# GLM-4-MoE's attention is a Llama/Qwen2/Qwen3 attention when its rope covers the whole head and its q/k norms and
+# q/k/v biases match (as moemerge-moe writes it from such a base): then an expert plus the shared MLP is that dense
+# model. Real GLM-4.5 checkpoints rotate half of each head (partial_rotary_factor 0.5) and have no dense twin.
+GLM4_MOE_TWINS = tuple(
+    (
+        dense_type,
+        (
+            ("rope_parameters.partial_rotary_factor", 0.5, 1.0),
+            ("use_qk_norm", False, qk_norm),
+            ("attention_bias", False, qkv_bias),
+        ),
+    )
+    for dense_type, qk_norm, qkv_bias in (("llama", False, False), ("qwen2", False, True), ("qwen3", True, False))
+)
 
 
 GPT_OSS_MOE = MoeLayout(
@@ -600,7 +631,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _decoder(
         "glm4_moe",
         dense_mlp=None,
-        moe=_deepseek_moe("sigmoid_group", "n_routed_experts"),
+        # mergekit-moe's DeepSeek output (remote code) is written as this native class: q/k/v biases hold a Qwen2
+        # attention, q/k norms a Qwen3 one; no o_proj or MLP biases (a Llama with attention_bias is refused)
+        moe=_deepseek_moe(
+            "sigmoid_group",
+            "n_routed_experts",
+            dense_twins=GLM4_MOE_TWINS,
+            dense_bases=("llama", "mistral", "qwen2", "qwen3"),
+            recipe_names=("glm4_moe", "deepseek"),
+            holds_biases=False,
+            holds_sliding_window=False,
+        ),
         model_class="Glm4MoeForCausalLM",
     ),
     _decoder("gpt_oss", dense_mlp=None, moe=GPT_OSS_MOE, model_class="GptOssForCausalLM"),
@@ -717,6 +758,11 @@ def text_config(config: dict) -> dict:
     """The part of a config.json describing the text decoder (`text_config` of vision-language models)."""
     nested = config.get("text_config")
     return nested if isinstance(nested, dict) and "num_hidden_layers" not in config else config
+
+
+def _config_value(config: dict, dotted: str, default: object) -> object:
+    found = _lookup(config, dotted)
+    return default if found is None else found[0][found[1]]
 
 
 def _lookup(config: dict, dotted: str) -> tuple[dict, str] | None:

@@ -28,9 +28,9 @@ def test_experts_all_equal_to_base_give_base_logits(moe_models, moe_recipe_file,
     base = moe_models[{"mixtral": "mistral", "qwen3_moe": "qwen3", "qwen2_moe": "qwen2"}[architecture]]
     recipe = {"base_model": str(base), "gate_mode": "random", "experts_per_token": 2, "dtype": "float32"}
     if architecture == "qwen2_moe":
-        # routed experts at half strength + shared expert through a zero gate (sigmoid 0 = 0.5) = the base MLP
+        # routed experts at half strength + shared expert at half strength (its constant gate weighs 1) = the base
         recipe["experts"] = [expert_entry(base, residual_scale=0.5) for _ in range(3)]
-        recipe["shared_experts"] = [expert_entry(base)]
+        recipe["shared_experts"] = [expert_entry(base, residual_scale=0.5)]
         recipe["norm_topk_prob"] = True  # Qwen2-MoE's default is false (as its checkpoints): ask for renormalising
     else:
         recipe["experts"] = [expert_entry(base) for _ in range(3)]

@@ -19,10 +19,20 @@ MOE_DTYPES = ("float32", "float16", "bfloat16")  # names, not torch objects: rec
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "fitted"]
 MoeArchitecture = Literal[
-    "mixtral", "qwen2_moe", "qwen3_moe", "qwen"
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen", "glm4_moe"
 ]  # qwen: qwen3_moe from a Qwen3 base, else qwen2_moe
-# mergekit-moe picks the output whose name ("Mixtral", "Qwen MoE", "Qwen3 MoE") starts with the value, ignoring case
-ARCHITECTURE_ALIASES = {"qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "qwen moe": "qwen", "qwen3 moe": "qwen3_moe"}
+# mergekit-moe picks the output whose name ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE") starts with the
+# value, ignoring case. Its DeepSeek output (model_type `deepseek`, remote code) is written as GLM-4-MoE, the
+# native transformers class with the same attention, unweighted shared experts and n_shared_experts.
+ARCHITECTURE_ALIASES = {
+    "qwen2": "qwen2_moe",
+    "qwen3": "qwen3_moe",
+    "qwen moe": "qwen",
+    "qwen3 moe": "qwen3_moe",
+    "deepseek": "glm4_moe",
+    "deepseek moe": "glm4_moe",
+    "deepseek_moe": "glm4_moe",
+}
 PROMPT_GATE_MODES = ("hidden", "cheap_embed")
 
 
@@ -70,8 +80,6 @@ class MoeRecipe(VocabularyKeys, Strict):
             raise ValueError(
                 f"experts_per_token is {self.experts_per_token} but only {len(self.experts)} experts are listed"
             )
-        if len(self.shared_experts) > 1:
-            raise ValueError(f"shared_experts: at most one shared expert is supported, got {len(self.shared_experts)}")
         if self.gate_mode == "fitted":
             for index, expert in enumerate(self.experts):
                 if not expert.positive_prompts and not expert.calibration_files:

@@ -96,7 +96,7 @@ def describe(
         f"architecture: {sources.target.name} from {sources.base_arch.name} base {recipe.base_model}",
         f"experts: {len(sources.experts)} ({recipe.experts_per_token} per token), gate_mode: {recipe.gate_mode}, "
         f"layers: {sources.layers}, dtype: {str(dtype).removeprefix('torch.')}",
-        f"shared expert: {sources.shared.entry.source_model if sources.shared else 'none'}",
+        f"shared experts: {', '.join(shared.entry.source_model for shared in sources.shared) or 'none'}",
         f"output: {len(planned)} tensors, {format_bytes(total)}",
         "",
     ]
@@ -131,7 +131,22 @@ def noisy(tensor: torch.Tensor, std: float, seed: int) -> torch.Tensor:
     return tensor.float() + std * torch.randn(tensor.shape, generator=generator)
 
 
+def _joined(tensor: PlannedTensor, gates: Gates, random_seed: int) -> torch.Tensor:
+    """Shared experts side by side along `concat_dim`, then zeros up to the planned width."""
+    blocks = [_producer(part, gates, random_seed)().float() for part in tensor.parts]
+    missing = tensor.shape[tensor.concat_dim] - sum(block.shape[tensor.concat_dim] for block in blocks)
+    if missing:
+        padding = list(tensor.shape)
+        padding[tensor.concat_dim] = missing
+        blocks.append(torch.zeros(padding))
+    return torch.cat(blocks, dim=tensor.concat_dim)
+
+
 def _producer(tensor: PlannedTensor, gates: Gates, random_seed: int = 0):
+    if tensor.origin is Origin.CONCAT:
+        return lambda: _joined(tensor, gates, random_seed)
+    if tensor.origin is Origin.ZEROS:
+        return lambda: torch.zeros(tensor.shape)
     if tensor.origin is Origin.ROUTER:
         return lambda: gates.router[tensor.layer]
     if tensor.origin is Origin.SHARED_GATE:
@@ -159,7 +174,9 @@ def output_tensors(
         OutputTensor(
             TensorSpec(t.name, t.shape, dtype),
             _producer(t, gates, random_seed),
-            sources=t.vocab_inputs or (((t.model, t.source_name),) if t.model and t.source_name else ()),
+            sources=t.vocab_inputs
+            or tuple((part.model, part.source_name) for part in t.parts)
+            or (((t.model, t.source_name),) if t.model and t.source_name else ()),
         )
         for t in planned
     ]

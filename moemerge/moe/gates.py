@@ -70,13 +70,14 @@ def compute_gates(
     router_input: str = "layer",
     progress: bool = False,
 ) -> Gates:
-    """Router rows per gate_mode, plus the shared expert's gate: its prompt direction when it has positive prompts
-    (in a prompt mode), otherwise zeros (sigmoid 0.5: the shared expert always adds half its output)."""
+    """Router rows per gate_mode, plus a gated shared expert's gate (Qwen2-MoE): its prompt direction when it has
+    positive prompts (in a prompt mode), otherwise zeros (sigmoid 0.5, which moe/plan.py compensates)."""
     layers, hidden = sources.layers, sources.hidden_size
     experts = [(source.label, source.entry) for source in sources.experts]
-    shared = [(sources.shared.label, sources.shared.entry)] if sources.shared else []
+    has_gate = bool(sources.shared) and sources.target.moe is not None and sources.target.moe.shared_expert_gate
+    shared = [(source.label, source.entry) for source in sources.shared] if has_gate else []
     prompt_mode = recipe.gate_mode in ("hidden", "cheap_embed")
-    shared_from_prompts = bool(shared and shared[0][1].positive_prompts and prompt_mode)
+    shared_from_prompts = sources.shared_gated and any(entry.positive_prompts for _, entry in shared) and prompt_mode
     shared_gate = torch.zeros((layers, 1, hidden)) if shared else None
     if recipe.gate_mode == "hidden":
         reader = HiddenStateReader(

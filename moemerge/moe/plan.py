@@ -17,6 +17,8 @@ class Origin(str, Enum):
     ROUTER = "router"  # one layer's router rows, computed from prompts or a seed
     SHARED_GATE = "shared_gate"  # one layer's shared-expert gate row
     VOCAB = "vocab"  # the base's embeddings or lm_head mapped by token onto the output vocabulary
+    CONCAT = "concat"  # several shared experts' projections joined into one wider MLP (zero rows pad it)
+    ZEROS = "zeros"  # a tensor the family needs that starts at zero (DeepSeek-style score-correction bias)
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,12 @@ class PlannedTensor:
     noise_scale: float = 0.0  # std of seeded Gaussian noise added before `scale` (an expert's `noise_scale`)
     vocab: VocabRows | None = None  # Origin.VOCAB: row maps of `vocab_inputs` (the base first)
     vocab_inputs: tuple[tuple[LazyModel, str], ...] = ()
+    parts: tuple[PlannedTensor, ...] = ()  # Origin.CONCAT: the copies joined along `concat_dim`
+    concat_dim: int = 0
 
     def describe(self) -> str:
+        if self.origin is Origin.CONCAT:
+            return f"{self.name} {list(self.shape)} <- concat({', '.join(part.describe() for part in self.parts)})"
         if self.origin in (Origin.COPY, Origin.VOCAB):
             assert self.model is not None
             scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
@@ -56,6 +62,7 @@ def _expert_mlp(
     layer: int,
     names: tuple[str, str, str],
     intermediate: int,
+    down_scale: float = 1.0,
 ) -> list[PlannedTensor]:
     """gate/up [I, H] and down [H, I] of one expert at one layer; noise_scale perturbs all three (as mergekit),
     residual_scale multiplies down."""
@@ -64,6 +71,7 @@ def _expert_mlp(
     hidden = sources.hidden_size
     noise = expert.entry.noise_scale or 0.0
     gate_name, up_name, down_name = names
+    down_scale *= expert.entry.residual_scale
     return [
         _copy(expert.model, expert.arch.layer_name(layer, dense.gate), gate_name, (intermediate, hidden), 1.0, noise),
         _copy(expert.model, expert.arch.layer_name(layer, dense.up), up_name, (intermediate, hidden), 1.0, noise),
@@ -72,9 +80,44 @@ def _expert_mlp(
             expert.arch.layer_name(layer, dense.down),
             down_name,
             (hidden, intermediate),
-            expert.entry.residual_scale,
+            down_scale,
             noise,
         ),
+    ]
+
+
+# A Qwen2-MoE shared gate without prompts is a zero row: sigmoid(0) = 1/2 on every token. The shared expert's
+# down projection is doubled (exact in binary floating point) so that it adds its whole output, as a shared
+# expert without a gate does (mergekit's DeepSeek output); a prompt-routed gate keeps the projection as it is.
+CONSTANT_GATE_COMPENSATION = 2.0
+
+
+def _shared_mlp(sources: MoeSources, layer: int) -> list[PlannedTensor]:
+    """The shared experts as one MLP: each expert's gate/up rows and down columns side by side, which sums their
+    outputs exactly; zero rows (and columns) pad it to the width the family's config can express."""
+    target, moe = sources.target, sources.target.moe
+    assert moe is not None and moe.shared_expert is not None and sources.shared_intermediate is not None
+    shared = moe.shared_expert
+    names = tuple(target.layer_name(layer, suffix) for suffix in (shared.gate, shared.up, shared.down))
+    scale = 1.0
+    if moe.shared_expert_gate is not None and not sources.shared_gated:
+        scale = CONSTANT_GATE_COMPENSATION
+    blocks = []
+    for index, (source, width) in enumerate(zip(sources.shared, sources.shared_widths, strict=True)):
+        part_names = names if len(sources.shared) == 1 else tuple(f"{name}@shared_experts[{index}]" for name in names)
+        blocks.append(_expert_mlp(sources, source, layer, part_names, width, down_scale=scale))
+    if len(blocks) == 1 and sources.shared_widths[0] == sources.shared_intermediate:
+        return blocks[0]
+    hidden, width = sources.hidden_size, sources.shared_intermediate
+    return [
+        PlannedTensor(
+            name,
+            (hidden, width) if dim == 1 else (width, hidden),
+            Origin.CONCAT,
+            parts=tuple(block[position] for block in blocks),
+            concat_dim=dim,
+        )
+        for position, (name, dim) in enumerate(zip(names, (0, 0, 1), strict=True))
     ]
 
 
@@ -83,20 +126,19 @@ def _layer_tensors(sources: MoeSources, layer: int) -> list[PlannedTensor]:
     assert moe is not None
     router_shape = (len(sources.experts), sources.hidden_size)
     planned = [PlannedTensor(target.layer_name(layer, moe.router), router_shape, Origin.ROUTER, layer=layer)]
+    if moe.correction_bias is not None:  # chooses experts only; zero leaves the router's own choice
+        planned.append(PlannedTensor(target.layer_name(layer, moe.correction_bias), router_shape[:1], Origin.ZEROS))
     for index, expert in enumerate(sources.experts):
         names = tuple(
             target.layer_name(layer, template.format(expert=index))
             for template in (moe.expert_gate, moe.expert_up, moe.expert_down)
         )
         planned += _expert_mlp(sources, expert, layer, names, sources.expert_intermediate)
-    if sources.shared is not None:
-        assert moe.shared_expert is not None and moe.shared_expert_gate is not None
-        shared = moe.shared_expert
-        names = tuple(target.layer_name(layer, suffix) for suffix in (shared.gate, shared.up, shared.down))
-        assert sources.shared_intermediate is not None
-        planned += _expert_mlp(sources, sources.shared, layer, names, sources.shared_intermediate)
-        gate_name = target.layer_name(layer, moe.shared_expert_gate)
-        planned.append(PlannedTensor(gate_name, (1, sources.hidden_size), Origin.SHARED_GATE, layer=layer))
+    if sources.shared:
+        planned += _shared_mlp(sources, layer)
+        if moe.shared_expert_gate is not None:
+            gate_name = target.layer_name(layer, moe.shared_expert_gate)
+            planned.append(PlannedTensor(gate_name, (1, sources.hidden_size), Origin.SHARED_GATE, layer=layer))
     return planned
 
 
@@ -107,7 +149,7 @@ def _is_buffer(name: str) -> bool:
 def _vocab_tensor(sources: MoeSources, name: str, vocabulary: OutputVocabulary) -> PlannedTensor:
     """The base's embeddings or lm_head in the output vocabulary; tokens the base lacks take the experts' rows."""
     models = {sources.base.label: sources.base}
-    for expert in [*sources.experts, *filter(None, [sources.shared])]:
+    for expert in [*sources.experts, *sources.shared]:
         models.setdefault(expert.entry.source_model, expert.model)
     inputs = []
     for model in models.values():

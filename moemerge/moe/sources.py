@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moemerge.architectures import Architecture, layer_count, moe_outputs, require_architecture
-from moemerge.config.moe_recipe import ExpertEntry, MoeRecipe
+from moemerge.config.moe_recipe import PROMPT_GATE_MODES, ExpertEntry, MoeRecipe
 from moemerge.errors import ConfigError, MoemergeError
 from moemerge.io.loader import LazyModel, ModelPool
 
@@ -31,11 +31,16 @@ class MoeSources:
     base_arch: Architecture
     target: Architecture
     experts: list[ExpertSource]
-    shared: ExpertSource | None
+    shared: tuple[ExpertSource, ...]  # concatenated into the family's one shared MLP
     layers: int
     hidden_size: int
     expert_intermediate: int
-    shared_intermediate: int | None
+    shared_intermediate: int | None  # the shared MLP's width as written (zero rows pad it where the family counts)
+    shared_gated: bool = False  # the shared gate varies with the token (prompts or noise); else sigmoid(0), compensated
+
+    @property
+    def shared_widths(self) -> tuple[int, ...]:
+        return tuple(int(_text_config(source.model.config)["intermediate_size"]) for source in self.shared)
 
 
 def infer_architecture(recipe: MoeRecipe, base_type: str) -> Architecture:
@@ -131,10 +136,13 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
         with_shared = ", ".join(arch.name for arch in moe_outputs() if _shared(arch) is not None)
         raise ConfigError(f"shared_experts: architecture {target.name!r} has no shared expert (only {with_shared} has)")
     if moe.shared_expert is not None and not recipe.shared_experts:
-        raise ConfigError(f"shared_experts: architecture {target.name!r} needs exactly one shared expert")
+        raise ConfigError(f"shared_experts: architecture {target.name!r} needs at least one shared expert")
+    shared_gated = _check_shared_gate(recipe, target)
     base_config = _text_config(base.config)
     if (base_config.get("attention_bias") or base_config.get("mlp_bias")) and not moe.holds_biases:
         raise ConfigError(f"base_model has attention or MLP biases, which {target.name} cannot hold")
+    if not moe.holds_sliding_window:
+        _warn_sliding_window(base_config, target.name)
     layers = layer_count(base.config, base_arch, base.names, label="base_model")
 
     def source(label: str, entry: ExpertEntry, same_intermediate: bool) -> ExpertSource:
@@ -147,13 +155,14 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
         return expert
 
     experts = [source(f"experts[{i}]", entry, True) for i, entry in enumerate(recipe.experts)]
-    shared = source("shared_experts[0]", recipe.shared_experts[0], False) if recipe.shared_experts else None
+    shared = tuple(source(f"shared_experts[{i}]", entry, False) for i, entry in enumerate(recipe.shared_experts))
     if len({expert.model.folder for expert in experts}) == 1 and len(experts) > 1:
         log.warning(
             "every expert is the same model (%s): the MoE will behave like that one dense model",
             recipe.experts[0].source_model,
         )
-    return MoeSources(
+    expert_intermediate = int(base_config["intermediate_size"])
+    sources = MoeSources(
         base=base,
         base_arch=base_arch,
         target=target,
@@ -161,6 +170,49 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
         shared=shared,
         layers=layers,
         hidden_size=int(base_config["hidden_size"]),
-        expert_intermediate=int(base_config["intermediate_size"]),
-        shared_intermediate=int(_text_config(shared.model.config)["intermediate_size"]) if shared else None,
+        expert_intermediate=expert_intermediate,
+        shared_intermediate=None,
+        shared_gated=shared_gated,
     )
+    if not shared:
+        return sources
+    width = sum(sources.shared_widths)
+    if moe.shared_count_key:  # the family's shared MLP is n_shared_experts expert widths: pad to a multiple
+        width = -(-width // expert_intermediate) * expert_intermediate
+    return replace(sources, shared_intermediate=width)
+
+
+def _check_shared_gate(recipe: MoeRecipe, target: Architecture) -> bool:
+    """Whether the shared gate varies with the token (a prompt direction, or router noise); a gate the family
+    cannot hold is a recipe mistake."""
+    prompt_mode = recipe.gate_mode in PROMPT_GATE_MODES
+    gated = [
+        (i, key)
+        for i, entry in enumerate(recipe.shared_experts)
+        for key, used in (("positive_prompts", entry.positive_prompts and prompt_mode), ("noise", entry.noise))
+        if used
+    ]
+    if not gated:
+        return False
+    index, key = gated[0]
+    where = f"shared_experts[{index}].{key}"
+    if target.moe is None or target.moe.shared_expert_gate is None:
+        raise ConfigError(f"{where}: {target.name}'s shared experts have no gate (always on, weight 1); remove it")
+    if len(recipe.shared_experts) > 1:
+        raise ConfigError(
+            f"{where}: {target.name} has one gate for all its shared experts, so several shared experts cannot "
+            "each have a gate of their own; remove it (always on, weight 1)"
+        )
+    return True
+
+
+def _warn_sliding_window(config: dict, target: str) -> None:
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", config.get("model_type") == "mistral")
+    if window is not None and uses_window and window < config.get("max_position_embeddings", window + 1):
+        log.warning(
+            "base_model attends within a sliding window of %s tokens; %s attends to the whole context, "
+            "so the MoE matches it only on sequences up to that length",
+            window,
+            target,
+        )

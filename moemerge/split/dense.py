@@ -47,7 +47,7 @@ class LayerMix:
 
 def dense_model_type(source: MoeSource) -> str:
     """The dense architecture an expert of this MoE becomes; an error where transformers has none."""
-    dense_type = source.moe.dense_model_type
+    dense_type = source.moe.dense_type_for(source.config)
     if dense_type is None or find_architecture(dense_type) is None:
         raise MoemergeError(
             f"{source.config.get('model_type')!r} has no dense counterpart in transformers with the same layer "

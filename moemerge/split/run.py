@@ -302,10 +302,20 @@ def _plan(prepared: PreparedSplit, usage: RouterUsage | None) -> list[SplitOutpu
 
 
 def _shared_scales(source: MoeSource, usage: RouterUsage | None) -> dict[int, float]:
-    """Fixed stand-in for the shared expert's gate sigmoid(w·x): its calibration mean, or 1.0 without calibration."""
+    """Fixed stand-in for the shared expert's gate sigmoid(w·x): its calibration mean; without calibration exactly
+    0.5 for an all-zero gate row (as moemerge-moe writes an ungated shared expert, its down projection doubled),
+    else 1.0."""
     if usage is None or not source.has_shared_expert:
-        return {layer: 1.0 for layer in source.moe_layers}
+        return {layer: _uncalibrated_shared_scale(source, layer) for layer in source.moe_layers}
     return {layer: float(usage.mean_shared_gate[layer]) for layer in source.moe_layers}
+
+
+def _uncalibrated_shared_scale(source: MoeSource, layer: int) -> float:
+    gate = source.moe.shared_expert_gate
+    if gate is None or not source.has_shared_expert:
+        return 1.0
+    name = source.arch.layer_name(layer, gate)
+    return 0.5 if source.model.has(name) and not source.model.read(name).any() else 1.0
 
 
 def _dense_output(
