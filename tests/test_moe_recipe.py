@@ -99,3 +99,11 @@ def test_load_rejects_non_mapping_and_bad_yaml(tmp_path):
         load_moe_recipe(broken)
     with pytest.raises(ConfigError, match="cannot read recipe .*absent.yml"):
         load_moe_recipe(tmp_path / "absent.yml")
+
+
+@pytest.mark.parametrize("spelling", ["deepseek", "DeepSeek MoE", "glm4_moe"])
+def test_mergekit_deepseek_output_is_read_as_glm4_moe_with_several_shared_experts(spelling: str):
+    shared = [{"source_model": "a"}, {"source_model": "b", "residual_scale": 0.5}, {"source_model": "c"}]
+    parsed = parse_moe_recipe(recipe(architecture=spelling, shared_experts=shared))
+    assert parsed.architecture == "glm4_moe"
+    assert [entry.source_model for entry in parsed.shared_experts] == ["a", "b", "c"]

@@ -5,6 +5,8 @@ split back (prune, dense extraction) and run by transformers."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -131,6 +133,33 @@ def test_qwen2_moe_prompted_shared_gate_keeps_its_weights(moe_models, moe_recipe
     assert stored["model.layers.0.mlp.shared_expert_gate.weight"].abs().sum() > 0
     down = "model.layers.0.mlp.{}down_proj.weight"
     assert torch.equal(stored[down.format("shared_expert.")], source[down.format("")])
+    # Router noise on the shared expert also makes its gate token-dependent: its weights are not doubled either.
+    recipe.update(gate_mode="random", shared_experts=[expert_entry(shared, noise=0.1)])
+    assemble(run_moe, moe_recipe_file, recipe, tmp_path / "noisy")
+    stored = read_tensors(tmp_path / "noisy")
+    assert stored["model.layers.0.mlp.shared_expert_gate.weight"].abs().sum() > 0
+    assert torch.equal(stored[down.format("shared_expert.")], source[down.format("")])
+
+
+def test_short_sliding_window_is_warned_about(moe_models, moe_recipe_file, tmp_path, caplog):
+    from moemerge.config.moe_recipe import parse_moe_recipe
+    from moemerge.moe.assemble import describe_recipe
+
+    base = tmp_path / "windowed"
+    shutil.copytree(moe_models["mistral"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    recipe = {
+        "base_model": str(base),
+        "architecture": "deepseek",
+        "gate_mode": "random",
+        "experts": [expert_entry(base)],
+        "experts_per_token": 1,
+        "shared_experts": [expert_entry(base)],
+    }
+    with caplog.at_level(logging.WARNING):
+        assert "architecture: glm4_moe" in describe_recipe(parse_moe_recipe(recipe))
+    assert "sliding window of 16 tokens" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,9 @@ def resolve_sources(recipe: MoeRecipe, pool: ModelPool) -> MoeSources:
         raise ConfigError(f"architecture {target.name!r} cannot be built from a {base_type!r} base_model: {reason}")
     if recipe.shared_experts and moe.shared_expert is None:
         with_shared = ", ".join(arch.name for arch in moe_outputs() if _shared(arch) is not None)
-        raise ConfigError(f"shared_experts: architecture {target.name!r} has no shared expert (only {with_shared} has)")
+        raise ConfigError(
+            f"shared_experts: architecture {target.name!r} has no shared expert (only {with_shared} have)"
+        )
     if moe.shared_expert is not None and not recipe.shared_experts:
         raise ConfigError(f"shared_experts: architecture {target.name!r} needs at least one shared expert")
     shared_gated = _check_shared_gate(recipe, target)
