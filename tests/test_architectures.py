@@ -77,7 +77,9 @@ def test_layer_count_reads_the_configured_key():
         (None, False, "qwen3", "qwen3_moe"),
         (None, False, "qwen2", "qwen2_moe"),  # no shared-expert-free output fits a Qwen2 base
         (None, True, "qwen2", "qwen2_moe"),
-        (None, True, "llama", "qwen2_moe"),  # refused later: qwen2_moe is built from qwen2 models
+        (None, True, "llama", "glm4_moe"),  # mergekit-moe's DeepSeek output, written as GLM-4-MoE
+        (None, True, "qwen3", "glm4_moe"),
+        ("deepseek", True, "mistral", "glm4_moe"),
         ("qwen", False, "qwen3", "qwen3_moe"),
         ("qwen", True, "qwen2", "qwen2_moe"),
         ("qwen", False, "llama", "qwen2_moe"),

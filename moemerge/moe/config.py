@@ -5,12 +5,6 @@ from __future__ import annotations
 from moemerge.architectures import with_legacy_rope_keys
 from moemerge.moe.sources import MoeSources
 
-MODEL_CLASSES = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "glm4_moe": "Glm4MoeForCausalLM",
-}
 # Keys that describe the source checkpoint, not the MoE, or that the MoE class does not read.
 DROPPED_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_version", "dtype", "torch_dtype")
 DROPPED_FOR_MIXTRAL = ("attention_bias", "mlp_bias", "pretraining_tp")
@@ -33,7 +27,8 @@ def moe_config(sources: MoeSources, experts_per_token: int, norm_topk_prob: bool
     assert moe is not None
     config = {key: value for key, value in sources.base.config.items() if key not in DROPPED_KEYS}
     config["model_type"] = target.name
-    config["architectures"] = [MODEL_CLASSES[target.name]]
+    assert target.model_class is not None, target.name
+    config["architectures"] = [target.model_class]
     config[moe.expert_count_key] = len(sources.experts)
     config[moe.experts_per_token_key] = experts_per_token
     config[moe.expert_intermediate_key] = sources.expert_intermediate
