@@ -134,3 +134,34 @@ def test_recipe_yaml_keeps_noise_scale_apart_from_router_noise():
     recipe = parse_moe_recipe(yaml.safe_load(text))
     assert recipe.experts[0].noise_scale == 0.05 and recipe.experts[1].noise_scale is None
     assert recipe.experts[0].noise == 0.0
+
+
+@pytest.mark.skipif(not os.environ.get("MOEMERGE_MERGEKIT_PYTHON"), reason="set MOEMERGE_MERGEKIT_PYTHON to compare")
+def test_deepseek_output_tensors_match_mergekit_moe(moe_models, moe_recipe_file, run_moe, tmp_path):
+    """mergekit's DeepSeek recipe (one shared expert): every tensor mergekit writes, we write under the same name with
+    the same values (routers from cheap_embed to float rounding); we add only GLM-4-MoE's zero correction bias."""
+    recipe = {
+        "base_model": str(moe_models["mistral"]),
+        "architecture": "deepseek",
+        "gate_mode": "cheap_embed",
+        "dtype": "float32",
+        "experts": [expert_entry(moe_models[name], PROMPTS[name][:1]) for name in ("coder", "math", "story")],
+        "shared_experts": [expert_entry(moe_models["mistral"], residual_scale=0.5)],
+    }
+    path = moe_recipe_file(recipe)
+    subprocess.run(
+        [os.environ["MOEMERGE_MERGEKIT_PYTHON"], "-m", "mergekit.scripts.moe", str(path), str(tmp_path / "mk")]
+        + ["--device", "cpu"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run_moe(path, tmp_path / "ours", "--quiet").exit_code == 0
+    theirs, ours = read_tensors(tmp_path / "mk"), read_tensors(tmp_path / "ours")
+    assert {name for name in ours if not name.endswith("e_score_correction_bias")} == set(theirs)
+    for name, tensor in theirs.items():
+        if name.endswith("mlp.gate.weight"):
+            cosine = torch.nn.functional.cosine_similarity(ours[name], tensor.float(), dim=1)
+            assert float(cosine.min()) > 0.999999, name
+        else:
+            assert torch.equal(ours[name], tensor), name
