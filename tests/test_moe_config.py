@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from moemerge.architectures import find_architecture
@@ -77,3 +78,25 @@ def test_legacy_rope_keys_beside_rope_parameters_give_the_same_rope(base, target
     legacy_only = {key: value for key, value in config.items() if key != "rope_parameters"}
     assert load(legacy_only).rope_parameters["rope_theta"] == pytest.approx(12345.0)
     assert load(config).rope_parameters == load(legacy_only).rope_parameters
+
+
+def test_glm4_moe_from_llama3_rope_keeps_llamas_rotary_frequencies():
+    """The DeepSeek-style output rotates the whole head with the base's rope (here Llama 3's scaled rope)."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    sources = sources_for("llama", "glm4_moe", experts=2, shared_intermediate=256, rope_parameters=rope)
+    config = moe_config(sources, experts_per_token=1)
+    assert (config["architectures"], config["n_shared_experts"]) == (["Glm4MoeForCausalLM"], 2)
+    glm = Glm4MoeRotaryEmbedding(load(config))
+    llama = LlamaRotaryEmbedding(toy_config("llama", rope_parameters=rope))
+    assert glm.inv_freq.shape == llama.inv_freq.shape
+    assert torch.equal(glm.inv_freq, llama.inv_freq) and glm.attention_scaling == llama.attention_scaling
