@@ -38,13 +38,17 @@ class PlannedTensor:
 
     def describe(self) -> str:
         if self.origin is Origin.CONCAT:
-            return f"{self.name} {list(self.shape)} <- concat({', '.join(part.describe() for part in self.parts)})"
+            return f"{self.name} {list(self.shape)} <- concat({', '.join(part.source() for part in self.parts)})"
         if self.origin in (Origin.COPY, Origin.VOCAB):
-            assert self.model is not None
-            scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
-            noise = f" + noise {self.noise_scale:g}" if self.noise_scale else ""
-            return f"{self.name} {list(self.shape)} <- {self.model.label}:{self.source_name}{noise}{scale}"
+            return f"{self.name} {list(self.shape)} <- {self.source()}"
         return f"{self.name} {list(self.shape)} <- {self.origin.value}"
+
+    def source(self) -> str:
+        """Where a copied tensor comes from: model:tensor, with its noise and scale."""
+        assert self.model is not None
+        scale = f" x {self.scale:g}" if self.scale != 1.0 else ""
+        noise = f" + noise {self.noise_scale:g}" if self.noise_scale else ""
+        return f"{self.model.label}:{self.source_name}{noise}{scale}"
 
 
 def _copy(
