@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from moemerge.architectures import Role
+from moemerge.architectures import Role, with_legacy_rope_keys
 from moemerge.errors import MoemergeError
 from moemerge.executor import OutputTensor
 from moemerge.io.writer import TensorSpec
@@ -98,7 +98,8 @@ def _kept_fused(source: MoeSource, layer: int, experts: list[int]) -> list[Outpu
 
 
 def pruned_config(source: MoeSource, count: int) -> dict:
-    """The MoE's config.json with K experts and at most K experts per token."""
+    """The MoE's config.json with K experts and at most K experts per token (legacy rope keys written beside
+    rope_parameters)."""
     config = dict(source.config)
     keys = [key for key in EXPERT_COUNT_KEYS if key in config] or [source.moe.expert_count_key]
     for key in keys:
@@ -109,4 +110,4 @@ def pruned_config(source: MoeSource, count: int) -> dict:
         # over: the pruned router picks its top-k among all kept experts.
         log.warning("n_group %s: the pruned router chooses among all kept experts (n_group 1)", config["n_group"])
         config["n_group"], config["topk_group"] = 1, 1
-    return config
+    return with_legacy_rope_keys(config)  # transformers 4.x reads only rope_theta / rope_scaling
