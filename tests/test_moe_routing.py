@@ -11,7 +11,15 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from moemerge.moe.routing import RoutingRule, route, router_logits, routing_rule, sigmoid_group, softmax_topk
+from moemerge.moe.routing import (
+    ROUTER_KINDS,
+    RoutingRule,
+    route,
+    router_logits,
+    routing_rule,
+    sigmoid_group,
+    softmax_topk,
+)
 
 HIDDEN, EXPERTS, TOKENS = 16, 8, 64
 
@@ -104,3 +112,17 @@ def test_hand_computed_cases():
     # Groups {0,1} and {2,3} score the sum of their two best: the best single expert (1) loses to group {2,3}.
     indices, _ = sigmoid_group(torch.tensor([[0.0, 3.0, 2.9, 2.8]]), 2, groups=2, top_groups=1)
     assert sorted(indices[0].tolist()) == [2, 3]
+
+
+def test_softmax_routers_pick_by_logits_in_the_model_dtype():
+    """transformers' Mixtral/Qwen/OLMoE/GPT-OSS routers compute bfloat16 logits for a bfloat16 model, DeepSeek's
+    float32 ones: the statistics must choose by the same numbers."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 32, generator=generator).bfloat16()
+    weight, bias = torch.randn(8, 32, generator=generator).bfloat16(), torch.randn(8, generator=generator).bfloat16()
+    in_model_dtype = router_logits(hidden, weight, bias, in_float32=False)
+    assert in_model_dtype.dtype == torch.float32
+    assert torch.equal(in_model_dtype, torch.nn.functional.linear(hidden, weight, bias).float())
+    assert not torch.equal(in_model_dtype, router_logits(hidden, weight, bias))  # float32 math rounds differently
+    kinds = {kind: RoutingRule(kind, 2).float32_logits for kind in ROUTER_KINDS}
+    assert kinds == {"softmax_topk": False, "topk_softmax": False, "sigmoid_group": True, "softmax_group": True}

@@ -38,9 +38,21 @@ class RoutingRule:
     groups: int = 1  # n_group
     top_groups: int = 1  # topk_group
 
+    @property
+    def float32_logits(self) -> bool:
+        """DeepSeek-style (group) routers compute their logits in float32, the others in the model's dtype."""
+        return self.kind in ("sigmoid_group", "softmax_group")
 
-def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """[tokens, experts] logits in float32 (`hidden @ weight.T + bias`)."""
+
+def router_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, in_float32: bool = True
+) -> torch.Tensor:
+    """[tokens, experts] logits as float32 (`hidden @ weight.T + bias`), computed in float32, or in the model's
+    dtype when `in_float32` is False (as transformers' softmax routers do: a bfloat16 model picks by bfloat16
+    logits)."""
+    if not in_float32:
+        bias = None if bias is None else bias.to(hidden.dtype)
+        return torch.nn.functional.linear(hidden, weight.to(hidden.dtype), bias).float()
     return torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
 

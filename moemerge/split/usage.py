@@ -190,7 +190,7 @@ class _RouterRecorder:
     def __call__(self, _module: torch.nn.Module, inputs: tuple) -> None:
         hidden = inputs[0].reshape(-1, inputs[0].shape[-1])
         tap = self.tap
-        logits = router_logits(hidden, tap.weight, tap.bias)
+        logits = router_logits(hidden, tap.weight, tap.bias, in_float32=self.rule.float32_logits)
         indices, weights = route(self.rule, logits, tap.correction_bias)
         flat_indices, flat_weights = indices.reshape(-1).cpu(), weights.reshape(-1).double().cpu()
         usage, layer = self.usage, self.layer
