@@ -7,6 +7,7 @@ import json
 
 import torch
 import yaml
+from safetensors.torch import save_file
 from split_fixtures import generates, load, read_tensors, run_split
 
 from moemerge.io.loader import LazyModel
@@ -77,3 +78,20 @@ def test_dense_extraction_is_refused_in_one_line(split_models, tmp_path):
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "'gpt_oss' has no dense counterpart" in errors[0], result.output
         assert not (tmp_path / "dense").exists()
+
+
+def test_mxfp4_experts_are_refused_in_one_line(split_models, tmp_path):
+    """Hub GPT-OSS checkpoints store experts as MXFP4 blocks and scales: say so instead of a missing-tensor error."""
+    folder = tmp_path / "mxfp4"
+    folder.mkdir()
+    stored = read_tensors(split_models["gpt_oss"])
+    for name in [name for name in stored if name.endswith(("gate_up_proj", "down_proj"))]:
+        experts, rows = stored[name].shape[:2]
+        stored[name + "_blocks"] = torch.zeros(experts, rows, 2, 16, dtype=torch.uint8)
+        stored[name + "_scales"] = torch.zeros(experts, rows, 2, dtype=torch.uint8)
+        del stored[name]
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text((split_models["gpt_oss"] / "config.json").read_text())
+    result = run_split(folder, tmp_path / "out", "--prune-to", 2, "--usage", tmp_path / "absent.json")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "MXFP4" in errors[0], result.output

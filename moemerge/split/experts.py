@@ -66,6 +66,17 @@ class MoeSource:
         if not self.moe_layers:
             raise TensorError(f"model {model.label!r}: no router tensor ({self.moe.router}) in any layer")
         first = self._router_name(self.moe_layers[0])
+        if self.fused_only and self.moe_layers[0] not in self.fused:
+            quantized = self.arch.layer_name(self.moe_layers[0], self.moe.fused[0].gate_up + "_blocks")
+            raise MoemergeError(
+                f"model {model.label!r}: "
+                + (
+                    "its experts are MXFP4-quantized (gate_up_proj_blocks/_scales), which moemerge-split does not "
+                    "read; dequantize to bfloat16 first (transformers' Mxfp4Config(dequantize=True), save_pretrained)"
+                    if model.has(quantized)
+                    else f"no fused expert tensors ({self.moe.fused[0].gate_up}) beside router {first}"
+                )
+            )
         self.num_experts = model.shape(first)[0]
         keys = (self.moe.expert_count_key, *EXPERT_COUNT_KEYS)
         declared = next((int(self.config[k]) for k in keys if k in self.config), self.num_experts)
