@@ -48,8 +48,7 @@ def test_pruned_gpt_oss_is_the_original_with_the_dropped_experts_never_chosen(sp
         split_models["gpt_oss"], tmp_path / "plan", "--prune-to", 3, "--usage", usage_file, "--dry-run", "-v"
     )
     assert plan.exit_code == 0, plan.output
-    kept_0 = ", ".join(map(str, kept[0]))
-    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in plan.output and f"experts {kept_0}" in plan.output
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in plan.output and "slice of experts" in plan.output
 
     source, tensors = read_tensors(split_models["gpt_oss"]), read_tensors(out)
     assert not any(".experts.0." in name for name in tensors)  # no per-expert layout exists for GPT-OSS

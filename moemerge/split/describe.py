@@ -110,10 +110,6 @@ def _tensor_origins(output: SplitOutput, source: MoeSource) -> dict[str, str]:
         return {}
     origins = {}
     for layer, described in output.layers.items():
-        if source.fused_only:  # GPT-OSS: one tensor holds every kept expert
-            kept = ", ".join(map(str, described["kept_experts"]))
-            origins.update({name: f"experts {kept}" for name in source.fused[layer].names()})
-            continue
         for new_index, old_index in enumerate(described["kept_experts"]):
             for part in ("gate", "up", "down"):
                 origins[source.expert_name(layer, new_index, part)] = f"expert {old_index}"
