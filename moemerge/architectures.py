@@ -841,19 +841,25 @@ def set_layer_count(config: dict, arch: Architecture, count: int) -> None:
         section[arch.decoder.count_keys[0].rsplit(".", 1)[-1]] = count
 
 
+TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")  # transformers 4.x reads these beside rope_scaling
+
+
 def with_legacy_rope_keys(config: dict) -> dict:
     """A config with transformers 4.x's `rope_theta` / `rope_scaling` written beside transformers 5's
     `rope_parameters` (in place, also in text_config): 4.x reads only the legacy keys and otherwise falls back
-    to the class's default rope base (a Mixtral from a Mistral base: 1e4 read as 1e6)."""
+    to the class's default rope base (a Mixtral from a Mistral base: 1e4 read as 1e6). `partial_rotary_factor`
+    goes to the top level too, where 4.x reads it (GLM-4-MoE from a Llama base: 1.0, read as 4.x's default 0.5)."""
     sections = [config] + [value for key, value in config.items() if key == "text_config" and isinstance(value, dict)]
     for section in sections:
         parameters = section.get("rope_parameters")
         if not isinstance(parameters, dict) or "rope_theta" not in parameters:
             continue  # per-layer-type parameters (Gemma 3) or none: nothing 4.x could read from one key
         section["rope_theta"] = parameters["rope_theta"]
+        if "partial_rotary_factor" in parameters:
+            section["partial_rotary_factor"] = parameters["partial_rotary_factor"]
         rope_type = parameters.get("rope_type", "default")
         if rope_type != "default":
-            scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
+            scaling = {key: value for key, value in parameters.items() if key not in TOP_LEVEL_ROPE_KEYS}
             section["rope_scaling"] = {"type": rope_type, **scaling}
         else:
             section.setdefault("rope_scaling", None)

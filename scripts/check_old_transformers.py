@@ -6,7 +6,8 @@ Mistral base, or a dense Mistral taken out of a Mixtral, then computes another f
 This script builds, with this interpreter's transformers 5 and moemerge, small seeded models of:
 
 - moemerge-moe outputs: Mixtral from a Mistral base (rope_theta 1e6, sliding_window 8), Qwen2-MoE with a shared
-  expert from Qwen2, Qwen3-MoE from Qwen3 (rope_theta 1e6);
+  expert from Qwen2, Qwen3-MoE from Qwen3 (rope_theta 1e6), GLM-4-MoE (the DeepSeek-style output) from a Llama
+  base with a shared expert (full rotary, which 4.x reads from the top-level partial_rotary_factor);
 - moemerge-split outputs of each: `--expert 1` and `--select concat:2` (dense Mistral / Qwen2 / Qwen3) and
   `--prune-to 2` (the same MoE family), and a GPT-OSS saved by transformers 5 pruned to 3 experts;
 
@@ -39,6 +40,7 @@ BASES = {
     "mixtral": ("mistral", dict(rope_theta=1e6, sliding_window=8)),
     "qwen2_moe": ("qwen2", dict()),
     "qwen3_moe": ("qwen3", dict(rope_theta=1e6)),
+    "glm4_moe": ("llama", dict(rope_theta=5e5)),  # mergekit's DeepSeek output, with a shared expert
 }
 GPT_OSS = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, sliding_window=8)
 OLD_SIDE = """
@@ -73,7 +75,7 @@ def build_outputs(root: Path) -> dict[str, Path]:
             "experts_per_token": 2,
             "experts": [{"source_model": str(folder)} for folder in experts],
         }
-        if family == "qwen2_moe":
+        if family in ("qwen2_moe", "glm4_moe"):
             recipe["shared_experts"] = [{"source_model": str(base)}]
         moe = root / family
         build_moe(recipe, moe, progress=False)
@@ -135,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
             print(result.stderr[-3000:], file=sys.stderr)
             return 2
         old = torch.load(root / "old.pt")
+        model_types = {
+            name: json.loads((folder / "config.json").read_text())["model_type"] for name, folder in folders.items()
+        }
     import transformers
 
     print(f"transformers {transformers.__version__} (here) vs {old['version']} (--old-python), float32, eager")
     print(f"{'output':<48} {'model_type':<11} {'max |Δ logit|':>14} {'top-1 agree':>12}")
     failed = False
-    for name, folder in folders.items():
+    for name in folders:
         difference = (new[name] - old["logits"][name]).abs().max().item()
         agree = (new[name].argmax(-1) == old["logits"][name].argmax(-1)).float().mean().item()
-        model_type = json.loads((folder / "config.json").read_text())["model_type"]
+        model_type = model_types[name]
         control = name.startswith("control")
         verdict = "" if control else ("  FAIL" if difference > TOLERANCE else "")
         failed |= bool(verdict)

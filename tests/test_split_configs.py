@@ -93,5 +93,18 @@ def test_transformers_4_gives_the_same_logits_for_every_written_family():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if "→" in line or line.split()[:1] == ["mixtral"]]
-    assert len(rows) >= 13, result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.endswith(("0", "1")) and "top-1" not in line]
+    assert len(rows) == 18 and rows[-1].startswith("control"), result.stdout  # 17 outputs and the control
+
+
+def test_partial_rotary_factor_is_written_where_transformers_4_reads_it():
+    """GLM-4-MoE from a Llama base rotates whole heads; transformers 4.x reads the top-level key (default 0.5)."""
+    from moemerge.architectures import with_legacy_rope_keys
+
+    parameters = {"rope_theta": 5e5, "rope_type": "default", "partial_rotary_factor": 1.0}
+    config = with_legacy_rope_keys({"model_type": "glm4_moe", "rope_parameters": parameters})
+    assert config["partial_rotary_factor"] == 1.0 and config["rope_theta"] == 5e5
+    legacy_only = {key: value for key, value in config.items() if key != "rope_parameters"}
+    assert AutoConfig.for_model(**legacy_only).rope_parameters["partial_rotary_factor"] == 1.0
+    scaled = with_legacy_rope_keys({"rope_parameters": {**parameters, "rope_type": "linear", "factor": 2.0}})
+    assert scaled["rope_scaling"] == {"type": "linear", "rope_type": "linear", "factor": 2.0}
