@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from quality_data import heldout_perplexity  # noqa: E402
 
 DOMAINS = ("code", "prose")
-MARKERS = ("<!-- routers-table -->", "<!-- /routers-table -->")
 
 
 def prompts_from(text: str, count: int = 5, chars: int = 300) -> list[str]:
@@ -42,12 +42,32 @@ def prompts_from(text: str, count: int = 5, chars: int = 300) -> list[str]:
     return passages
 
 
+def geo_mean(scores: dict[str, float]) -> float:
+    return math.exp(sum(math.log(scores[d]) for d in DOMAINS) / len(DOMAINS))
+
+
 def invoke(command, args: list[str]) -> float:
     started = time.perf_counter()
     result = CliRunner().invoke(command, [str(a) for a in args] + ["--quiet", "--overwrite"])
     if result.exit_code != 0:
         sys.exit(f"failed: {args}\n{result.output}\n{result.exception!r}")
     return time.perf_counter() - started
+
+
+def forced_expert_model(base: Path, expert: Path, out: Path) -> Path:
+    """The base with one fine-tune's MLPs: what an MoE computes when its router sends every token of a text to that
+    expert (top-1, or top-k with the weights renormalised to 1), so no router can do better on that text."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / "model.safetensors")
+    mlps = {name: tensor for name, tensor in load_file(expert / "model.safetensors").items() if ".mlp." in name}
+    assert mlps and mlps.keys() <= weights.keys()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({**weights, **mlps}, out / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (base / name).is_file():
+            shutil.copy(base / name, out / name)
+    return out
 
 
 def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
@@ -72,14 +92,19 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
         recipe_file.write_text(yaml.safe_dump({**recipe, "dtype": "float32"}))
         models[name] = work / f"dense-{len(models)}"
         invoke(yaml_main, [recipe_file, models[name]])
+    for domain in DOMAINS:
+        models[f"forced: base + {domain} MLPs"] = forced_expert_model(
+            folder / "base", folder / domain, work / f"forced-{domain}"
+        )
     texts = {d: (folder / f"calibration-{d}.txt").read_text(encoding="utf-8") for d in DOMAINS}
-    variants = [
-        ("MoE hidden (mergekit)", "hidden", []),
-        ("MoE hidden, router input", "hidden", ["--router-input", "mlp"]),
-        ("MoE fitted, source labels", "fitted", []),
-        ("MoE fitted, loss labels", "fitted", ["--fit-labels", "loss"]),
+    variants = [  # (row label, gate_mode, CLI options, the base's MLP as a third expert)
+        ("MoE hidden (mergekit)", "hidden", [], False),
+        ("MoE hidden, router input", "hidden", ["--router-input", "mlp"], False),
+        ("MoE fitted, source labels", "fitted", [], False),
+        ("MoE fitted, loss labels", "fitted", ["--fit-labels", "loss"], False),
+        ("MoE fitted, loss labels, base MLP as 3rd expert", "fitted", ["--fit-labels", "loss"], True),
     ]
-    for label, gate_mode, options in variants:
+    for label, gate_mode, options, with_base in variants:
         for top_k in (1, 2):
             experts = []
             for domain in DOMAINS:
@@ -87,6 +112,9 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
                 if gate_mode == "fitted":
                     entry["calibration_files"] = [str(folder / f"calibration-{domain}.txt")]
                 experts.append(entry)
+            if with_base:  # loss labels decide where it goes; its own prompts only mark the last token of each
+                prompts = [p for d in DOMAINS for p in prompts_from(texts[d])]
+                experts.append({"source_model": str(folder / "base"), "positive_prompts": prompts})
             recipe = {
                 "base_model": str(folder / "base"),
                 "gate_mode": gate_mode,
@@ -100,8 +128,11 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
             models[name] = work / f"moe-{len(models)}"
             if (models[name] / "config.json").is_file() and not rebuild:
                 continue
+            cpu = time.process_time()
             seconds = invoke(moe_main, [recipe_file, models[name], *options])
-            print(f"built {name} in {seconds:.0f} s", flush=True)
+            cpu_seconds = time.process_time() - cpu
+            (models[name] / "build_seconds.json").write_text(json.dumps({"wall": seconds, "cpu": cpu_seconds}))
+            print(f"built {name} in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
     return models
 
 
@@ -111,10 +142,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="held-out windows per domain")
     parser.add_argument("--window", type=int, default=96)
     parser.add_argument("--readme", type=Path)
+    parser.add_argument("--marker", default="routers-table", help="README markers <!-- NAME --> <!-- /NAME -->")
     parser.add_argument("--rebuild", action="store_true", help="rebuild MoEs already in OUT/routers")
     args = parser.parse_args()
+    import torch
     from transformers import AutoTokenizer
 
+    torch.set_num_threads(1)  # a busy shared machine: one thread avoids OpenMP threads waiting on each other
     folder = args.folder.resolve()
     work = folder / "routers"
     work.mkdir(exist_ok=True)
@@ -128,27 +162,38 @@ def main() -> None:
     rows = {}
     for name, model in models.items():
         scores = {d: heldout_perplexity(model, heldout[d], window=args.window).perplexity for d in DOMAINS}
-        rows[name] = {**scores, "geo_mean": math.sqrt(scores["code"] * scores["prose"])}
+        rows[name] = {**scores, "geo_mean": geo_mean(scores)}
         print(f"{name}: {rows[name]}", flush=True)
-    oracle = {"code": rows["code fine-tune"]["code"], "prose": rows["prose fine-tune"]["prose"]}
-    rows["oracle (each domain by its own fine-tune)"] = {
-        **oracle,
-        "geo_mean": math.sqrt(oracle["code"] * oracle["prose"]),
-    }
-    (folder / "routers.json").write_text(json.dumps(rows, indent=1))
+    ceiling = {d: rows[f"forced: base + {d} MLPs"][d] for d in DOMAINS}
+    rows["MoE ceiling (router fixed to each domain's expert)"] = {**ceiling, "geo_mean": geo_mean(ceiling)}
+    oracle = {d: rows[f"{d} fine-tune"][d] for d in DOMAINS}
+    rows["oracle (each domain by its own fine-tune)"] = {**oracle, "geo_mean": geo_mean(oracle)}
+    accuracy = {}
+    for name, model in models.items():
+        fit = model / "moemerge_router_fit.json"
+        if fit.is_file():
+            layers = json.loads(fit.read_text())["layers"]
+            accuracy[name] = [layers[str(layer)]["held_out_accuracy"] for layer in range(len(layers))]
+    results = {"perplexity": rows, "held_out_routing_accuracy": accuracy}
+    (folder / "routers.json").write_text(json.dumps(results, indent=1))
     best_dense = min(rows[n]["geo_mean"] for n in ("linear 0.5/0.5", "TIES (density 0.5)"))
     target = best_dense - (best_dense - rows["oracle (each domain by its own fine-tune)"]["geo_mean"]) / 2
     lines = [
         "| model | code ppl | prose ppl | geo-mean |",
         "|---|---:|---:|---:|",
         *(f"| {n} | {r['code']:.2f} | {r['prose']:.2f} | {r['geo_mean']:.2f} |" for n, r in rows.items()),
+        "",
+        "| fitted MoE | held-out routing accuracy per layer (0, 1, ...) |",
+        "|---|---|",
+        *(f"| {n} | {', '.join(f'{a:.3f}' for a in acc)} |" for n, acc in accuracy.items()),
     ]
     table = "\n".join(lines)
     print(table)
     print(f"best dense {best_dense:.2f}; half-way to the oracle: {target:.2f}")
     if args.readme:
+        markers = (f"<!-- {args.marker} -->", f"<!-- /{args.marker} -->")
         text = args.readme.read_text()
-        start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+        start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
         args.readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 

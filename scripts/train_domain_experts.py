@@ -8,6 +8,10 @@ package descriptions (`METADATA`) of the installed distributions, split by a has
 package name. The base is trained on both domains, then each fine-tune continues from it on its own
 domain only. Writes OUT/base, OUT/code, OUT/prose (Mistral, float32, shared tokenizer) and, per domain,
 `heldout-<domain>.txt` (never trained on) and `calibration-<domain>.txt` (from the training split).
+
+`--tune-params mlp` trains only the fine-tunes' MLP weights (attention, norms, embeddings and lm_head stay the
+base's): the kind of fine-tune a frankenMoE can keep whole, since it takes only the experts' MLPs.
+`--base-from FOLDER` reuses a base (and its tokenizer) trained earlier instead of training one.
 """
 
 from __future__ import annotations
@@ -56,13 +60,26 @@ def code_texts(max_chars: int) -> tuple[list[str], list[str]]:
     return corpus.read(corpus.training, max_chars=max_chars), corpus.read(corpus.held_out, max_chars=max_chars // 4)
 
 
-def train(model, stream: torch.Tensor, *, steps: int, lr: float, seq_len: int, batch: int, seed: int) -> dict:
+def trainable(model, tune_params: str) -> list[torch.nn.Parameter]:
+    """The parameters a fine-tune updates: all, or only the decoder layers' MLPs (the rest frozen)."""
+    chosen = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(tune_params == "all" or ".mlp." in name)
+        if parameter.requires_grad:
+            chosen.append(parameter)
+    return chosen
+
+
+def train(
+    model, stream: torch.Tensor, *, steps: int, lr: float, seq_len: int, batch: int, seed: int, tune_params="all"
+) -> dict:
     """AdamW for `steps` steps: linear warmup over 20, cosine decay to a tenth of `lr`."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    parameters = trainable(model, tune_params)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(seq_len + 1)
     model.train()
-    started, step, total, losses = time.perf_counter(), 0, steps, []
+    started, cpu_started, step, total, losses = time.perf_counter(), time.process_time(), 0, steps, []
     while step < total:
         starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=generator)
         tokens = stream[starts[:, None] + offsets]
@@ -73,7 +90,7 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, seq_len: int, b
         loss = model(input_ids=tokens, labels=tokens).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
         if step % 25 == 0:
@@ -83,7 +100,13 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, seq_len: int, b
         step += 1
     model.eval()
     final = sum(losses[-20:]) / len(losses[-20:])
-    return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_loss": round(final, 4)}
+    return {
+        "steps": step,
+        "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "final_loss": round(final, 4),
+        "trained_parameters": sum(p.numel() for p in parameters),
+    }
 
 
 def main() -> None:
@@ -98,6 +121,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune-params", choices=("all", "mlp"), default="all", help="what the fine-tunes train")
+    parser.add_argument("--base-from", type=Path, help="reuse this base (and its tokenizer) instead of training one")
     args = parser.parse_args()
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -108,9 +133,14 @@ def main() -> None:
     prose_train, prose_held = prose_texts()
     code_train, code_held = code_texts(max_chars=3 * sum(map(len, prose_train)))
     texts = {"code": (code_train, code_held), "prose": (prose_train, prose_held)}
-    tokenizer = train_tokenizer(code_train + prose_train, args.vocab)
+    if args.base_from:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.base_from)
+    else:
+        tokenizer = train_tokenizer(code_train + prose_train, args.vocab)
     streams = {d: torch.tensor(token_stream(tokenizer, texts[d][0])) for d in DOMAINS}
-    summary: dict = {"domains": {}}
+    summary: dict = {"domains": {}, "tune_params": args.tune_params}
     for domain in DOMAINS:
         training, held = texts[domain]
         (out / f"heldout-{domain}.txt").write_text("\n\n".join(held), encoding="utf-8")
@@ -134,18 +164,25 @@ def main() -> None:
         pad_token_id=2,
         tie_word_embeddings=False,
     )
-    model = MistralForCausalLM(config)
-    shortest = min(len(s) for s in streams.values())
-    mixed = torch.cat([streams[d][:shortest] for d in DOMAINS])  # both domains equally
-    print("base on both domains", flush=True)
     common = dict(seq_len=args.seq_len, batch=args.batch, seed=args.seed)
-    summary["base"] = train(model, mixed, steps=args.base_steps, lr=3e-3, **common)
-    model.save_pretrained(out / "base")
-    tokenizer.save_pretrained(out / "base")
+    base_folder = out / "base"
+    if args.base_from:
+        base_folder = args.base_from.resolve()
+        summary["base"] = {"from": str(base_folder)}
+        if not (out / "base").exists():
+            (out / "base").symlink_to(base_folder, target_is_directory=True)  # router_quality.py reads OUT/base
+    else:
+        model = MistralForCausalLM(config)
+        shortest = min(len(s) for s in streams.values())
+        mixed = torch.cat([streams[d][:shortest] for d in DOMAINS])  # both domains equally
+        print("base on both domains", flush=True)
+        summary["base"] = train(model, mixed, steps=args.base_steps, lr=3e-3, **common)
+        model.save_pretrained(base_folder)
+        tokenizer.save_pretrained(base_folder)
     for index, domain in enumerate(DOMAINS):
-        print(f"{domain} fine-tune", flush=True)
-        tuned = MistralForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-        tune = {**common, "seed": index + 1}
+        print(f"{domain} fine-tune ({args.tune_params} parameters)", flush=True)
+        tuned = MistralForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+        tune = {**common, "seed": index + 1, "tune_params": args.tune_params}
         summary[domain] = train(tuned, streams[domain], steps=args.tune_steps, lr=1e-3, **tune)
         tuned.save_pretrained(out / domain)
         tokenizer.save_pretrained(out / domain)

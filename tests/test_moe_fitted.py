@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM
 from moemerge.config.moe_recipe import parse_moe_recipe
 from moemerge.errors import ConfigError
 from moemerge.layerwise import moe_block
-from moemerge.moe.fitted import batch_sequences, calibration_sequences
+from moemerge.moe.fitted import (
+    FIT_SUMMARY,
+    batch_sequences,
+    calibration_sequences,
+    loss_labels,
+    routing_targets,
+    shared_gate_labels,
+)
 from moemerge.moe.prompt_states import load_tokenizer
 from moemerge.moe.router import fit_router_rows
 
@@ -111,3 +118,90 @@ def test_unreadable_calibration_file_fails_before_any_tensor_is_read(moe_models,
     result = run_moe(moe_recipe_file(recipe), tmp_path / "out")
     assert result.exit_code == 1
     assert "experts[0].calibration_files: cannot read" in result.output and not (tmp_path / "out").exists()
+
+
+def test_negative_text_is_routed_away_from_its_expert():
+    # clusters 0 and 1 are experts 0 and 1's text; cluster 2 is expert 0's negative text (label ~0)
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 8, generator=generator) * 3
+    clusters = torch.randint(0, 3, (300,), generator=generator)
+    states = centres[clusters] + torch.randn(300, 8, generator=generator)
+    labels = torch.where(clusters == 2, ~torch.tensor(0), clusters)
+    for experts in (2, 3):
+        targets = routing_targets(labels, experts)
+        assert targets.shape == (300, experts) and torch.allclose(targets.sum(dim=1), torch.ones(300))
+        rows, summary = fit_router_rows(states, targets, experts, groups=torch.arange(300) // 10)
+        routed = (centres[2] + torch.randn(200, 8, generator=generator)) @ rows.T
+        assert (routed.argmax(dim=1) != 0).float().mean() > 0.97  # never to expert 0
+        assert summary["held_out_accuracy"] > 0.95
+    assert routing_targets(labels, 2)[clusters == 2].tolist()[0] == [0.0, 1.0]
+    assert routing_targets(labels, 3)[clusters == 2].tolist()[0] == [0.0, 0.5, 0.5]
+    hard = torch.tensor([0, 1, 1])
+    assert routing_targets(hard, 2) is hard  # only experts' own text: plain class indices
+    assert routing_targets(torch.tensor([2]), 2).tolist() == [[0.5, 0.5]]  # the shared expert's text: no preference
+
+
+def test_loss_labels_pick_the_best_allowed_expert_and_shared_gate_labels_compare_to_it():
+    # one batch of one sequence, 4 tokens (3 with a next token); label ~0 forbids expert 0
+    first, second = torch.tensor([[1.0, 3.0, 1.0]]), torch.tensor([[2.0, 2.0, 5.0]])
+    losses = [[first, first], [second, second]]  # per expert model, per batch (two batches, same text)
+    source = [torch.tensor([[0, 0, 0, 0]]), torch.tensor([[~0, ~0, ~0, ~0]])]
+    labels = loss_labels(losses, source)
+    assert labels[0].tolist() == [[0, 1, 0, 0]]  # argmin per token, last token keeps its source label
+    assert labels[1].tolist() == [[1, 1, 1, ~0]]  # expert 0 never, whatever its loss
+    shared = [torch.tensor([[1.5, 1.0, 0.5]]), torch.tensor([[9.0, 9.0, 9.0]])]
+    gate = shared_gate_labels(2, [torch.tensor([[0, 0, 0, 2]]), torch.tensor([[2, 2, 2, 2]])], shared, losses)
+    assert gate[0].tolist() == [[0, 1, 1, 1]] and gate[1].tolist() == [[0, 0, 0, 1]]
+    by_text = shared_gate_labels(2, [torch.tensor([[0, 2, 2]])])
+    assert by_text[0].tolist() == [[0, 1, 1]]
+
+
+def qwen2_fitted_recipe(moe_models, shared: dict) -> dict:
+    return {
+        "base_model": str(moe_models["qwen2"]),
+        "gate_mode": "fitted",
+        "dtype": "float32",
+        "experts_per_token": 1,
+        "experts": [
+            expert_entry(moe_models["qwen2_ft1"], PROMPTS["coder"], negative_prompts=PROMPTS["story"]),
+            expert_entry(moe_models["qwen2_ft2"], PROMPTS["story"]),
+        ],
+        "shared_experts": [expert_entry(moe_models["qwen2"], **shared)],
+    }
+
+
+def test_shared_expert_gate_is_fitted_to_open_on_its_own_text(moe_models, moe_recipe_file, run_moe, tmp_path):
+    shared_text = PROMPTS["math"] * 3
+    recipe = qwen2_fitted_recipe(moe_models, {"positive_prompts": shared_text})
+    out = tmp_path / "qwen2-fitted"
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / FIT_SUMMARY).read_text())
+    assert summary["shared_gate"] == "fitted" and set(summary["layers"]) == {"0", "1", "2", "3"}
+    stored = read_tensors(out)
+    assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() > 0 for layer in range(4))
+    # the gate opens more on the shared expert's text than on the routed experts' text, in every layer
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(out, False)
+    openings: dict[str, list[torch.Tensor]] = {"shared": [], "routed": []}
+    for kind, prompts in (("shared", PROMPTS["math"]), ("routed", PROMPTS["coder"] + PROMPTS["story"])):
+        for layer in model.model.layers:
+            block = layer.mlp
+            hook = block.register_forward_pre_hook(
+                lambda m, args, kind=kind: openings[kind].append(torch.sigmoid(m.shared_expert_gate(args[0])).mean())
+            )
+            with torch.no_grad():
+                for prompt in prompts:
+                    model(**tokenizer(prompt, return_tensors="pt"))
+            hook.remove()
+    assert torch.stack(openings["shared"]).mean() > torch.stack(openings["routed"]).mean() + 0.1
+
+
+def test_shared_expert_gate_without_text_stays_zero_with_source_labels(moe_models, moe_recipe_file, run_moe, tmp_path):
+    out = tmp_path / "qwen2-fitted-no-shared-text"
+    result = run_moe(moe_recipe_file(qwen2_fitted_recipe(moe_models, {})), out, "--quiet")
+    assert result.exit_code == 0, result.output
+    stored = read_tensors(out)
+    assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() == 0 for layer in range(4))
+    assert all(stored[f"model.layers.{layer}.mlp.gate.weight"].abs().sum() > 0 for layer in range(4))
+    assert json.loads((out / FIT_SUMMARY).read_text())["shared_gate"] == "zero (sigmoid 0.5)"

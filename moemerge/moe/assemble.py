@@ -207,8 +207,9 @@ def assemble_moe(
     dtype = output_dtype(recipe, sources)
     log.debug("plan:\n%s", describe(recipe, sources, planned, dtype, per_tensor=True))
     if recipe.gate_mode == "fitted":  # unreadable calibration files fail before any tensor is read
-        for source in sources.experts:
-            calibration_text(source.entry, source.label)
+        for source in [*sources.experts, *filter(None, [sources.shared])]:
+            if source.entry.positive_prompts or source.entry.calibration_files:
+                calibration_text(source.entry, source.label)
     with stage(f"gates ({recipe.gate_mode})"):
         gates = compute_gates(
             recipe,
@@ -254,6 +255,7 @@ def assemble_moe(
         write_generation_config(sources.base.folder, folder, vocabulary)
         if recipe.gate_mode == "fitted":
             routers = {t.layer: t.name for t in planned if t.origin is Origin.ROUTER}
+            shared = sources.shared
             fit_routers(
                 folder,
                 routers,
@@ -261,6 +263,8 @@ def assemble_moe(
                 [(source.label, source.entry) for source in sources.experts],
                 [source.model.folder for source in sources.experts],
                 labels=options.fit_labels,
+                shared=(shared.label, shared.entry, shared.model.folder) if shared else None,
+                shared_gate_names={t.layer: t.name for t in planned if t.origin is Origin.SHARED_GATE},
                 device=options.device,
                 max_memory=options.max_memory,
                 progress=options.progress,

@@ -4,10 +4,17 @@ The MoE is first written with zero router rows. Then it is run one layer at a ti
 calibration text (its `positive_prompts` and `calibration_files`): at each MoE layer the post-attention-norm
 states entering the MoE block are collected, the rows are fitted by multinomial logistic regression to
 send each token to its label, set in the layer, and only then is the layer run for real, so later layers
-see the routing of earlier ones. Finally the fitted rows are written over the zero rows in the output files.
+see the routing of earlier ones. Finally the fitted rows are written over the zero rows in the output files,
+with the per-layer fit summary in `moemerge_router_fit.json`.
 
 Labels: `source` (the expert whose text the token comes from) or `loss` (the expert whose source model
 predicts the token's next token best, from each expert model's own per-token loss).
+An expert's `negative_prompts` are text that must not go to it: their tokens' target is uniform over the
+other experts (with `loss` labels: the best of the other experts).
+A shared expert's gate (Qwen2-MoE, `sigmoid(gate · x)` times the shared expert) is fitted the same way as a
+two-class problem: open on the shared expert's own calibration text (`source`), or where the shared
+expert's model predicts the token better than every routed expert's model (`loss`). With `source` labels
+and no shared text there is nothing to fit: the gate stays zero (the shared expert always adds half its output).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 SEQ_LEN = 128
 BATCH_SIZE = 8
 TOKENS_PER_EXPERT = 16384
+FIT_SUMMARY = "moemerge_router_fit.json"
 
 
 def calibration_text(entry: ExpertEntry, label: str) -> list[str]:
@@ -47,27 +55,60 @@ def calibration_text(entry: ExpertEntry, label: str) -> list[str]:
     return texts
 
 
-def calibration_sequences(
-    tokenizer, texts_per_expert: Sequence[list[str]], tokens_per_expert: int = TOKENS_PER_EXPERT
-) -> list[tuple[list[int], int]]:
-    """(token ids, expert) sequences of at most SEQ_LEN tokens, each starting with BOS when the tokenizer has one,
-    up to `tokens_per_expert` tokens per expert."""
+def _pieces(tokenizer, texts: list[str], budget: int) -> list[list[int]]:
+    """Sequences of at most SEQ_LEN tokens (BOS first when the tokenizer has one), `budget` text tokens in all."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pieces = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), SEQ_LEN - len(bos)):
+            piece = bos + ids[start : start + SEQ_LEN - len(bos)][:budget]
+            if len(piece) > len(bos):
+                pieces.append(piece)
+                budget -= len(piece) - len(bos)
+            if budget <= 0:
+                return pieces
+    return pieces
+
+
+def calibration_sequences(
+    tokenizer,
+    texts_per_expert: Sequence[list[str]],
+    tokens_per_expert: int = TOKENS_PER_EXPERT,
+    *,
+    negative_texts: Sequence[list[str]] = (),
+    shared_texts: Sequence[str] = (),
+) -> list[tuple[list[int], int]]:
+    """(token ids, label) sequences, up to `tokens_per_expert` tokens per expert and kind of text.
+
+    Labels: e for expert e's text, ~e (that is −1−e) for its negative text, and len(texts_per_expert) for the
+    shared expert's text."""
     sequences = []
     for expert, texts in enumerate(texts_per_expert):
-        budget = tokens_per_expert
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            for start in range(0, len(ids), SEQ_LEN - len(bos)):
-                piece = bos + ids[start : start + SEQ_LEN - len(bos)][:budget]
-                if len(piece) > len(bos):
-                    sequences.append((piece, expert))
-                    budget -= len(piece) - len(bos)
-                if budget <= 0:
-                    break
-            if budget <= 0:
-                break
+        sequences += [(piece, expert) for piece in _pieces(tokenizer, texts, tokens_per_expert)]
+    for expert, texts in enumerate(negative_texts):
+        sequences += [(piece, ~expert) for piece in _pieces(tokenizer, texts, tokens_per_expert)]
+    shared = len(texts_per_expert)
+    sequences += [(piece, shared) for piece in _pieces(tokenizer, list(shared_texts), tokens_per_expert)]
     return sequences
+
+
+def routing_targets(labels: torch.Tensor, experts: int) -> torch.Tensor:
+    """What the router is fitted to: the labels themselves when every token names its expert, else per token a
+    probability row: one-hot for expert e, uniform over the others for ~e, uniform over all for the shared text."""
+    if bool(((labels >= 0) & (labels < experts)).all()):
+        return labels
+    targets = torch.zeros(len(labels), experts)
+    own = (labels >= 0) & (labels < experts)
+    targets[own, labels[own]] = 1.0
+    targets[labels >= experts] = 1.0 / experts
+    negative = labels < 0
+    if experts > 1:
+        targets[negative] = 1.0 / (experts - 1)
+        targets[negative, (~labels[negative])] = 0.0
+    else:
+        targets[negative] = 1.0  # one expert: every token goes to it whatever the text says
+    return targets
 
 
 def batch_sequences(
@@ -88,18 +129,39 @@ def batch_sequences(
     return batches, labels, groups
 
 
-def loss_labels(expert_folders: Sequence[Path], batches: list[Batch], source: list[torch.Tensor], **run_options):
-    """Per token, the expert whose own model gives its next token the lowest loss (the last token keeps its source
-    label: nothing follows it)."""
-    losses = []
-    for folder in expert_folders:
-        runner = LayerwiseModel(LazyModel(folder), **run_options)
-        losses.append(token_losses(runner, batches, progress=False))
+def model_losses(folders: Sequence[Path], batches: list[Batch], **run_options) -> list[list[torch.Tensor]]:
+    """Per model, per batch [batch, tokens - 1]: each model's own per-token loss, run layer by layer."""
+    return [token_losses(LayerwiseModel(LazyModel(f), **run_options), batches, progress=False) for f in folders]
+
+
+def loss_labels(losses: list[list[torch.Tensor]], source: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per token, the expert whose own model gives its next token the lowest loss, among the experts its text
+    allows (not e for e's negative text); the last token keeps its source label (nothing follows it)."""
+    experts = len(losses)
     labels = []
     for index, source_labels in enumerate(source):
         per_expert = torch.stack([loss[index] for loss in losses])  # [experts, batch, tokens - 1]
-        best = per_expert.argmin(dim=0)
+        forbidden = torch.arange(experts)[:, None, None] == (~source_labels[None, :, :-1])
+        best = per_expert.masked_fill(forbidden, float("inf")).argmin(dim=0)
         labels.append(torch.cat([best, source_labels[:, -1:]], dim=1))
+    return labels
+
+
+def shared_gate_labels(
+    experts: int,
+    source: list[torch.Tensor],
+    shared_losses: list[torch.Tensor] | None = None,
+    expert_losses: Sequence[list[torch.Tensor]] = (),
+) -> list[torch.Tensor]:
+    """Per token 1 where the shared expert should be on: its own text (label `experts`; no losses given), or where
+    its model's loss is below every routed expert model's (the last token: by its text)."""
+    labels = []
+    for index, source_labels in enumerate(source):
+        own = (source_labels == experts).long()
+        if shared_losses is not None:
+            best_routed = torch.stack([loss[index] for loss in expert_losses]).min(dim=0).values
+            own = torch.cat([(shared_losses[index] < best_routed).long(), own[:, -1:]], dim=1)
+        labels.append(own)
     return labels
 
 
@@ -127,28 +189,50 @@ def fit_routers(
     expert_folders: Sequence[Path],
     *,
     labels: str = "source",
+    shared: tuple[str, ExpertEntry, Path] | None = None,
+    shared_gate_names: dict[int, str] | None = None,
     device: str = "cpu",
     max_memory: int | None = None,
     progress: bool = False,
     seed: int = 0,
 ) -> dict:
-    """Fit every MoE layer's router in the (zero-routed) MoE written to `folder` and write the rows there."""
+    """Fit every MoE layer's router (and shared-expert gate) in the zero-routed MoE written to `folder`, write the
+    rows there and the fit summary to `moemerge_router_fit.json`."""
     # the output's tokenizer when it has one (its vocabulary may differ from the base's), else the base's
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(folder if has_tokenizer else base_folder, trust_remote_code=False)
     texts = [calibration_text(entry, label) for label, entry in entries]
-    sequences = calibration_sequences(tokenizer, texts)
+    negatives = [list(entry.negative_prompts) for _, entry in entries]
+    shared_texts = []
+    if shared is not None and (shared[1].positive_prompts or shared[1].calibration_files):
+        shared_texts = calibration_text(shared[1], shared[0])
+    sequences = calibration_sequences(tokenizer, texts, negative_texts=negatives, shared_texts=shared_texts)
     batches, source_labels, groups = batch_sequences(sequences)
-    token_labels = source_labels
+    experts = len(entries)
+    token_labels, gate_labels = source_labels, None
+    expert_losses: list[list[torch.Tensor]] = []
     if labels == "loss":
-        token_labels = loss_labels(expert_folders, batches, source_labels, device=device)
+        expert_losses = model_losses(expert_folders, batches, device=device)
+        token_labels = loss_labels(expert_losses, source_labels)
+    fit_shared = bool(shared is not None and shared_gate_names and (labels == "loss" or shared_texts))
+    if fit_shared:
+        assert shared is not None
+        shared_losses = model_losses([shared[2]], batches, device=device)[0] if labels == "loss" else None
+        per_batch = shared_gate_labels(experts, source_labels, shared_losses, expert_losses)
+        gate_labels = torch.cat([t.reshape(-1) for t in per_batch])
     flat_labels = torch.cat([t.reshape(-1) for t in token_labels])
     flat_groups = torch.cat([g.reshape(-1) for g in groups])
-    experts = len(entries)
+    targets = routing_targets(flat_labels, experts)
     runner = LayerwiseModel(LazyModel(folder), device=device)
-    summary: dict = {"labels": labels, "tokens": int(flat_labels.numel()), "label_share": [], "layers": {}}
-    summary["label_share"] = (torch.bincount(flat_labels, minlength=experts) / flat_labels.numel()).tolist()
+    share = targets.float().mean(dim=0) if targets.is_floating_point() else torch.bincount(targets, minlength=experts)
+    summary: dict = {
+        "labels": labels,
+        "tokens": int(flat_labels.numel()),
+        "label_share": (share / share.sum()).tolist(),
+        "layers": {},
+    }
     fitted: dict[int, torch.Tensor] = {}
+    fitted_gates: dict[int, torch.Tensor] = {}
 
     def fit(layer: int, module: torch.nn.Module, probe) -> None:
         block = moe_block(module)
@@ -162,7 +246,8 @@ def fit_routers(
             probe()
         finally:
             handle.remove()
-        rows, layer_summary = fit_router_rows(torch.cat(states), flat_labels, experts, groups=flat_groups, seed=seed)
+        inputs = torch.cat(states)
+        rows, layer_summary = fit_router_rows(inputs, targets, experts, groups=flat_groups, seed=seed)
         rows = rows.to(block.gate.weight.dtype)
         block.gate.weight.data.copy_(rows.to(block.gate.weight.device))
         fitted[layer] = rows
@@ -173,9 +258,22 @@ def fit_routers(
             layer_summary["l2"],
             layer_summary["held_out_accuracy"],
         )
+        gate = getattr(block, "shared_expert_gate", None)
+        if fit_shared and gate is not None and layer in (shared_gate_names or {}):
+            pair, gate_summary = fit_router_rows(inputs, gate_labels, 2, groups=flat_groups, seed=seed)
+            # a softmax over two rows is the sigmoid of their difference
+            row = (pair[1] - pair[0])[None, :].to(gate.weight.dtype)
+            gate.weight.data.copy_(row.to(gate.weight.device))
+            fitted_gates[layer] = row
+            layer_summary["shared_gate"] = {k: gate_summary[k] for k in ("l2", "held_out_accuracy", "by_l2")}
         return None
 
     runner.run(batches, max_memory=max_memory, on_layer=fit, progress=progress, description="fitting routers")
     for layer, name in router_names.items():
         overwrite_tensor(folder, name, fitted[layer])
+    for layer, name in (shared_gate_names or {}).items():
+        if layer in fitted_gates:
+            overwrite_tensor(folder, name, fitted_gates[layer])
+    summary["shared_gate"] = "fitted" if fitted_gates else ("zero (sigmoid 0.5)" if shared is not None else "none")
+    (folder / FIT_SUMMARY).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
