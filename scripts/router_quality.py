@@ -103,6 +103,7 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
         ("MoE fitted, source labels", "fitted", [], False),
         ("MoE fitted, loss labels", "fitted", ["--fit-labels", "loss"], False),
         ("MoE fitted, loss labels, base MLP as 3rd expert", "fitted", ["--fit-labels", "loss"], True),
+        ("MoE fitted, posterior labels", "fitted", ["--fit-labels", "posterior"], False),
     ]
     for label, gate_mode, options, with_base in variants:
         for top_k in (1, 2):

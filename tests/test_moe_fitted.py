@@ -19,6 +19,7 @@ from moemerge.moe.fitted import (
     batch_sequences,
     calibration_sequences,
     loss_labels,
+    posterior_targets,
     routing_targets,
     shared_gate_labels,
 )
@@ -183,18 +184,23 @@ def test_shared_expert_gate_is_fitted_to_open_on_its_own_text(moe_models, moe_re
     # the gate opens more on the shared expert's text than on the routed experts' text, in every layer
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(out, False)
-    openings: dict[str, list[torch.Tensor]] = {"shared": [], "routed": []}
-    for kind, prompts in (("shared", PROMPTS["math"]), ("routed", PROMPTS["coder"] + PROMPTS["story"])):
-        for layer in model.model.layers:
-            block = layer.mlp
-            hook = block.register_forward_pre_hook(
-                lambda m, args, kind=kind: openings[kind].append(torch.sigmoid(m.shared_expert_gate(args[0])).mean())
-            )
-            with torch.no_grad():
-                for prompt in prompts:
-                    model(**tokenizer(prompt, return_tensors="pt"))
-            hook.remove()
-    assert torch.stack(openings["shared"]).mean() > torch.stack(openings["routed"]).mean() + 0.1
+    openings: list[torch.Tensor] = []
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda m, args: openings.append(torch.sigmoid(m.shared_expert_gate(args[0])).mean())
+        )
+        for layer in model.model.layers
+    ]
+    mean_opening = {}
+    with torch.no_grad():
+        for kind, prompts in (("shared", PROMPTS["math"]), ("routed", PROMPTS["coder"] + PROMPTS["story"])):
+            openings.clear()
+            for prompt in prompts:
+                model(**tokenizer(prompt, return_tensors="pt"))
+            mean_opening[kind] = torch.stack(openings).mean()
+    for hook in hooks:
+        hook.remove()
+    assert mean_opening["shared"] > mean_opening["routed"] + 0.1, mean_opening
 
 
 def test_shared_expert_gate_without_text_stays_zero_with_source_labels(moe_models, moe_recipe_file, run_moe, tmp_path):
@@ -205,3 +211,16 @@ def test_shared_expert_gate_without_text_stays_zero_with_source_labels(moe_model
     assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() == 0 for layer in range(4))
     assert all(stored[f"model.layers.{layer}.mlp.gate.weight"].abs().sum() > 0 for layer in range(4))
     assert json.loads((out / FIT_SUMMARY).read_text())["shared_gate"] == "zero (sigmoid 0.5)"
+
+
+def test_posterior_targets_are_each_experts_share_of_the_tokens_probability():
+    first, second = torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([[3.0, 1.0, 2.0]])
+    losses = [[first, first], [second, second]]
+    source = [torch.tensor([[0, 0, 0, 1]]), torch.tensor([[~1, ~1, ~1, ~1]])]
+    targets = posterior_targets(losses, source)
+    share = 1 / (1 + torch.exp(torch.tensor(-2.0)))  # e^-1 / (e^-1 + e^-3)
+    expected = torch.tensor([[[share, 1 - share], [1 - share, share], [0.5, 0.5], [0.0, 1.0]]])
+    torch.testing.assert_close(targets[0], expected)
+    assert targets[1].tolist() == [[[1.0, 0.0]] * 4]  # expert 1's negative text: never expert 1
+    windowed = posterior_targets(losses, source, window=2)[0]  # losses summed over 2 tokens: 4 vs 4 at token 1
+    torch.testing.assert_close(windowed[0, :3], torch.tensor([[share, 1 - share], [0.5, 0.5], [1 - share, share]]))

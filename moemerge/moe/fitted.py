@@ -7,8 +7,10 @@ send each token to its label, set in the layer, and only then is the layer run f
 see the routing of earlier ones. Finally the fitted rows are written over the zero rows in the output files,
 with the per-layer fit summary in `moemerge_router_fit.json`.
 
-Labels: `source` (the expert whose text the token comes from) or `loss` (the expert whose source model
-predicts the token's next token best, from each expert model's own per-token loss).
+Labels: `source` (the expert whose text the token comes from), `loss` (the expert whose source model
+predicts the token's next token best, from each expert model's own per-token loss) or `posterior` (soft:
+each expert's share softmax(−loss_e), so a token both experts predict alike asks for an even mix, and one
+an expert predicts far worse keeps away from it).
 An expert's `negative_prompts` are text that must not go to it: their tokens' target is uniform over the
 other experts (with `loss` labels: the best of the other experts).
 A shared expert's gate (Qwen2-MoE, `sigmoid(gate · x)` times the shared expert) is fitted the same way as a
@@ -147,6 +149,29 @@ def loss_labels(losses: list[list[torch.Tensor]], source: list[torch.Tensor]) ->
     return labels
 
 
+def posterior_targets(
+    losses: list[list[torch.Tensor]], source: list[torch.Tensor], window: int = 1
+) -> list[torch.Tensor]:
+    """Per token [batch, tokens, experts]: each expert's posterior probability of having produced the next token,
+    softmax(−loss_e), over the experts its text allows (equal priors; the E-step of a mixture of experts). With
+    `window` > 1, the losses are summed over the window of tokens ending at the token's (a sharper, smoother
+    posterior). The last token keeps its source label's target (nothing follows it)."""
+    experts = len(losses)
+    targets = []
+    for index, source_labels in enumerate(source):
+        per_expert = torch.stack([loss[index] for loss in losses]).float()  # [experts, batch, tokens - 1]
+        if window > 1:
+            summed = per_expert.cumsum(dim=-1)
+            summed[..., window:] = summed[..., window:] - summed[..., :-window]
+            per_expert = summed
+        forbidden = torch.arange(experts)[:, None, None] == (~source_labels[None, :, :-1])
+        posterior = torch.softmax(-per_expert.masked_fill(forbidden, float("inf")), dim=0).permute(1, 2, 0)
+        last = routing_targets(source_labels[:, -1], experts)
+        last = torch.nn.functional.one_hot(last, experts).float() if not last.is_floating_point() else last
+        targets.append(torch.cat([posterior, last[:, None, :]], dim=1))
+    return targets
+
+
 def shared_gate_labels(
     experts: int,
     source: list[torch.Tensor],
@@ -211,18 +236,20 @@ def fit_routers(
     experts = len(entries)
     token_labels, gate_labels = source_labels, None
     expert_losses: list[list[torch.Tensor]] = []
-    if labels == "loss":
+    if labels in ("loss", "posterior"):
         expert_losses = model_losses(expert_folders, batches, device=device)
         token_labels = loss_labels(expert_losses, source_labels)
-    fit_shared = bool(shared is not None and shared_gate_names and (labels == "loss" or shared_texts))
+    fit_shared = bool(shared is not None and shared_gate_names and (labels != "source" or shared_texts))
     if fit_shared:
         assert shared is not None
-        shared_losses = model_losses([shared[2]], batches, device=device)[0] if labels == "loss" else None
+        shared_losses = model_losses([shared[2]], batches, device=device)[0] if labels != "source" else None
         per_batch = shared_gate_labels(experts, source_labels, shared_losses, expert_losses)
         gate_labels = torch.cat([t.reshape(-1) for t in per_batch])
     flat_labels = torch.cat([t.reshape(-1) for t in token_labels])
     flat_groups = torch.cat([g.reshape(-1) for g in groups])
     targets = routing_targets(flat_labels, experts)
+    if labels == "posterior":
+        targets = torch.cat([t.reshape(-1, experts) for t in posterior_targets(expert_losses, source_labels)])
     runner = LayerwiseModel(LazyModel(folder), device=device)
     share = targets.float().mean(dim=0) if targets.is_floating_point() else torch.bincount(targets, minlength=experts)
     summary: dict = {
