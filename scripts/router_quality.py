@@ -103,7 +103,8 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
         ("MoE fitted, source labels", "fitted", [], False),
         ("MoE fitted, loss labels", "fitted", ["--fit-labels", "loss"], False),
         ("MoE fitted, loss labels, base MLP as 3rd expert", "fitted", ["--fit-labels", "loss"], True),
-        ("MoE fitted, posterior labels", "fitted", ["--fit-labels", "posterior"], False),
+        ("MoE fitted, posterior labels", "fitted", ["--fit-labels", "posterior", "--fit-window", "1"], False),
+        ("MoE fitted, posterior labels over 32 tokens", "fitted", ["--fit-labels", "posterior"], False),
     ]
     for label, gate_mode, options, with_base in variants:
         for top_k in (1, 2):
@@ -135,6 +136,31 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
             (models[name] / "build_seconds.json").write_text(json.dumps({"wall": seconds, "cpu": cpu_seconds}))
             print(f"built {name} in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
     return models
+
+
+def heldout_routing(model_folder: Path, token_ids: list[int], expert: int, window: int = 96) -> list[float]:
+    """Per layer, the share of held-out tokens whose top-1 router choice is `expert` (their domain's expert)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    picks: dict[int, list[torch.Tensor]] = {}
+    hooks = []
+    for index, layer in enumerate(model.model.layers):
+        gate = layer.mlp.gate
+        hooks.append(
+            gate.register_forward_pre_hook(
+                lambda m, args, index=index: picks.setdefault(index, []).append(
+                    torch.nn.functional.linear(args[0].reshape(-1, args[0].shape[-1]), m.weight).argmax(dim=-1)
+                )
+            )
+        )
+    with torch.no_grad():
+        for start in range(0, len(token_ids) - window + 1, window):
+            model(torch.tensor([token_ids[start : start + window]]))
+    for hook in hooks:
+        hook.remove()
+    return [float((torch.cat(picks[i]) == expert).float().mean()) for i in sorted(picks)]
 
 
 def main() -> None:
@@ -175,6 +201,10 @@ def main() -> None:
         if fit.is_file():
             layers = json.loads(fit.read_text())["layers"]
             accuracy[name] = [layers[str(layer)]["held_out_accuracy"] for layer in range(len(layers))]
+            for expert, domain in enumerate(DOMAINS):
+                accuracy[f"{name}: held-out {domain} text to the {domain} expert"] = heldout_routing(
+                    model, heldout[domain], expert, args.window
+                )
     results = {"perplexity": rows, "held_out_routing_accuracy": accuracy}
     (folder / "routers.json").write_text(json.dumps(results, indent=1))
     best_dense = min(rows[n]["geo_mean"] for n in ("linear 0.5/0.5", "TIES (density 0.5)"))

@@ -61,6 +61,14 @@ from moemerge.cli.options import (
     "whose model predicts its next token best (loss), or in proportion to how well each expert's model predicts "
     "it (posterior: softmax of minus the experts' losses).",
 )
+@click.option(
+    "--fit-window",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="gate_mode fitted, posterior labels: sum each expert's losses over this many tokens ending at the token "
+    "(1: the token alone).",
+)
 @version_option
 @user_errors
 @mergekit_flags(
@@ -85,6 +93,7 @@ def main(
     hidden_pool: str,
     router_input: str,
     fit_labels: str,
+    fit_window: int,
     **write: Any,
 ) -> None:
     """Assemble the mixture of experts described by a mergekit-moe YAML recipe into OUT.
@@ -101,6 +110,7 @@ def main(
         ray_address=ray_address,
         router_input=router_input,
         fit_labels=fit_labels,
+        fit_window=fit_window,
         copy_tokenizer=copy_tokenizer,
         trust_remote_code=trust_remote_code,
         hidden_pool=hidden_pool,

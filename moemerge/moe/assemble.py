@@ -50,6 +50,7 @@ class MoeOptions:
     ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
     router_input: str = "layer"  # gate_mode hidden: the state entering the layer (mergekit) or its MLP ("mlp")
     fit_labels: str = "source"  # gate_mode fitted: label tokens by their text's expert, or by the experts' loss
+    fit_window: int = 32  # gate_mode fitted, posterior labels: tokens over which each expert's losses are summed
 
 
 def output_dtype(recipe: MoeRecipe, sources: MoeSources) -> torch.dtype:
@@ -263,6 +264,7 @@ def assemble_moe(
                 [(source.label, source.entry) for source in sources.experts],
                 [source.model.folder for source in sources.experts],
                 labels=options.fit_labels,
+                window=options.fit_window,
                 shared=(shared.label, shared.entry, shared.model.folder) if shared else None,
                 shared_gate_names={t.layer: t.name for t in planned if t.origin is Origin.SHARED_GATE},
                 device=options.device,

@@ -214,6 +214,7 @@ def fit_routers(
     expert_folders: Sequence[Path],
     *,
     labels: str = "source",
+    window: int = 32,
     shared: tuple[str, ExpertEntry, Path] | None = None,
     shared_gate_names: dict[int, str] | None = None,
     device: str = "cpu",
@@ -249,11 +250,12 @@ def fit_routers(
     flat_groups = torch.cat([g.reshape(-1) for g in groups])
     targets = routing_targets(flat_labels, experts)
     if labels == "posterior":
-        targets = torch.cat([t.reshape(-1, experts) for t in posterior_targets(expert_losses, source_labels)])
+        targets = torch.cat([t.reshape(-1, experts) for t in posterior_targets(expert_losses, source_labels, window)])
     runner = LayerwiseModel(LazyModel(folder), device=device)
     share = targets.float().mean(dim=0) if targets.is_floating_point() else torch.bincount(targets, minlength=experts)
     summary: dict = {
         "labels": labels,
+        "window": window if labels == "posterior" else None,
         "tokens": int(flat_labels.numel()),
         "label_share": (share / share.sum()).tolist(),
         "layers": {},
