@@ -6,10 +6,12 @@
 Builds, from OUT/base and the fine-tunes OUT/code and OUT/prose: a 0.5/0.5 linear merge and a TIES merge of
 the fine-tunes (moemerge-yaml), and Mixtral MoEs of the two fine-tunes over the base (moemerge-moe) with
 `gate_mode: hidden` (mergekit's definition: the state entering each layer, five prompts per expert),
-`hidden --router-input mlp` (the state the router multiplies), and `gate_mode: fitted` with source labels
-and with loss labels, each at top-1 and top-2. Every model is scored on the same held-out windows of each
-domain; the oracle scores each domain with its own fine-tune. Results: printed table, OUT/routers.json,
-and with --readme the table between the `<!-- routers-table -->` markers.
+`hidden --router-input mlp` (the state the router multiplies), and `gate_mode: fitted` with source, loss and
+posterior labels (and the base's MLP as a third expert), each at top-1 and top-2. Every model is scored on the
+same held-out windows of each domain; the oracle scores each domain with its own fine-tune, the ceiling with
+the base carrying that fine-tune's MLPs (an MoE whose router is fixed to that domain's expert). Results: the
+printed tables (perplexity; routing accuracy per layer), OUT/routers.json, and with --readme the tables between
+the `<!-- MARKER -->` and `<!-- /MARKER -->` lines (--marker, default routers-table).
 """
 
 from __future__ import annotations

@@ -224,3 +224,19 @@ def test_posterior_targets_are_each_experts_share_of_the_tokens_probability():
     assert targets[1].tolist() == [[[1.0, 0.0]] * 4]  # expert 1's negative text: never expert 1
     windowed = posterior_targets(losses, source, window=2)[0]  # losses summed over 2 tokens: 4 vs 4 at token 1
     torch.testing.assert_close(windowed[0, :3], torch.tensor([[share, 1 - share], [0.5, 0.5], [1 - share, share]]))
+
+
+def test_posterior_labels_over_a_window_from_the_command_line(moe_models, moe_recipe_file, run_moe, tmp_path):
+    recipe = mistral_recipe(
+        moe_models,
+        gate_mode="fitted",
+        experts=[expert_entry(moe_models[name], PROMPTS[name]) for name in ("coder", "story")],
+    )
+    out = tmp_path / "posterior"
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet", "--fit-labels", "posterior", "--fit-window", "4")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / FIT_SUMMARY).read_text())
+    assert summary["labels"] == "posterior" and summary["window"] == 4
+    assert 0.0 < summary["label_share"][0] < 1.0 and sum(summary["label_share"]) == pytest.approx(1.0)
+    stored = read_tensors(out)
+    assert all(stored[f"model.layers.{layer}.block_sparse_moe.gate.weight"].abs().sum() > 0 for layer in range(4))
