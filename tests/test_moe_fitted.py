@@ -181,6 +181,9 @@ def test_shared_expert_gate_is_fitted_to_open_on_its_own_text(moe_models, moe_re
     assert summary["shared_gate"] == "fitted" and set(summary["layers"]) == {"0", "1", "2", "3"}
     stored = read_tensors(out)
     assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() > 0 for layer in range(4))
+    # a fitted gate weighs the shared expert itself: its down projection is the base's, not doubled
+    base_down = read_tensors(moe_models["qwen2"])["model.layers.0.mlp.down_proj.weight"]
+    torch.testing.assert_close(stored["model.layers.0.mlp.shared_expert.down_proj.weight"], base_down)
     # the gate opens more on the shared expert's text than on the routed experts' text, in every layer
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(out, False)
@@ -210,7 +213,7 @@ def test_shared_expert_gate_without_text_stays_zero_with_source_labels(moe_model
     stored = read_tensors(out)
     assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() == 0 for layer in range(4))
     assert all(stored[f"model.layers.{layer}.mlp.gate.weight"].abs().sum() > 0 for layer in range(4))
-    assert json.loads((out / FIT_SUMMARY).read_text())["shared_gate"] == "zero (sigmoid 0.5)"
+    assert json.loads((out / FIT_SUMMARY).read_text())["shared_gate"] == "not fitted"
 
 
 def test_posterior_targets_are_each_experts_share_of_the_tokens_probability():

@@ -208,7 +208,7 @@ def assemble_moe(
     dtype = output_dtype(recipe, sources)
     log.debug("plan:\n%s", describe(recipe, sources, planned, dtype, per_tensor=True))
     if recipe.gate_mode == "fitted":  # unreadable calibration files fail before any tensor is read
-        for source in [*sources.experts, *filter(None, [sources.shared])]:
+        for source in [*sources.experts, *sources.shared]:
             if source.entry.positive_prompts or source.entry.calibration_files:
                 calibration_text(source.entry, source.label)
     with stage(f"gates ({recipe.gate_mode})"):
@@ -256,7 +256,8 @@ def assemble_moe(
         write_generation_config(sources.base.folder, folder, vocabulary)
         if recipe.gate_mode == "fitted":
             routers = {t.layer: t.name for t in planned if t.origin is Origin.ROUTER}
-            shared = sources.shared
+            # a gated shared expert (Qwen2-MoE, one shared expert with its own text) gets its gate fitted too
+            shared = sources.shared[0] if sources.shared_gated and len(sources.shared) == 1 else None
             fit_routers(
                 folder,
                 routers,

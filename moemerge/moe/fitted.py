@@ -13,10 +13,10 @@ each expert's share softmax(−loss_e), so a token both experts predict alike as
 an expert predicts far worse keeps away from it).
 An expert's `negative_prompts` are text that must not go to it: their tokens' target is uniform over the
 other experts (with `loss` labels: the best of the other experts).
-A shared expert's gate (Qwen2-MoE, `sigmoid(gate · x)` times the shared expert) is fitted the same way as a
-two-class problem: open on the shared expert's own calibration text (`source`), or where the shared
-expert's model predicts the token better than every routed expert's model (`loss`). With `source` labels
-and no shared text there is nothing to fit: the gate stays zero (the shared expert always adds half its output).
+A shared expert's gate (Qwen2-MoE, `sigmoid(gate · x)` times the shared expert) with its own calibration text
+is fitted the same way as a two-class problem: open on that text (`source`), or where the shared expert's
+model predicts the token better than every routed expert's model (`loss`, `posterior`). Without shared text
+there is nothing to fit: the gate stays zero and the plan doubles the shared down projection (weight 1).
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def fit_routers(
     if labels in ("loss", "posterior"):
         expert_losses = model_losses(expert_folders, batches, device=device)
         token_labels = loss_labels(expert_losses, source_labels)
-    fit_shared = bool(shared is not None and shared_gate_names and (labels != "source" or shared_texts))
+    fit_shared = bool(shared is not None and shared_gate_names and shared_texts)
     if fit_shared:
         assert shared is not None
         shared_losses = model_losses([shared[2]], batches, device=device)[0] if labels != "source" else None
@@ -303,6 +303,6 @@ def fit_routers(
     for layer, name in (shared_gate_names or {}).items():
         if layer in fitted_gates:
             overwrite_tensor(folder, name, fitted_gates[layer])
-    summary["shared_gate"] = "fitted" if fitted_gates else ("zero (sigmoid 0.5)" if shared is not None else "none")
+    summary["shared_gate"] = "fitted" if fitted_gates else "not fitted"
     (folder / FIT_SUMMARY).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

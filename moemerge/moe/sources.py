@@ -188,10 +188,15 @@ def _check_shared_gate(recipe: MoeRecipe, target: Architecture) -> bool:
     """Whether the shared gate varies with the token (a prompt direction, or router noise); a gate the family
     cannot hold is a recipe mistake."""
     prompt_mode = recipe.gate_mode in PROMPT_GATE_MODES
+    fitted = recipe.gate_mode == "fitted"  # its gate is fitted to its own text (moe/fitted.py)
     gated = [
         (i, key)
         for i, entry in enumerate(recipe.shared_experts)
-        for key, used in (("positive_prompts", entry.positive_prompts and prompt_mode), ("noise", entry.noise))
+        for key, used in (
+            ("positive_prompts", entry.positive_prompts and (prompt_mode or fitted)),
+            ("calibration_files", entry.calibration_files and fitted),
+            ("noise", entry.noise),
+        )
         if used
     ]
     if not gated:
