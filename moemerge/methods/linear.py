@@ -35,18 +35,20 @@ def merge(
     weights = [params.weight for params in model_params]
     if method_params.normalize and sum(weights) == 0:
         raise ConfigError("weight: the weights sum to 0, so normalize cannot divide by them (set normalize: false)")
+    total_weight = sum(weights) if method_params.normalize else None
     merged = torch.empty(tensors[0].shape, dtype=torch.float64, device=tensors[0].device)
     flat_inputs = [tensor.reshape(-1) for tensor in tensors]  # the inputs stay untouched: one may be passed twice
     flat = merged.view(-1)
-    # chunks that stay in cache: float64 accumulation of float32 inputs then costs ~3× a float32 sum, not ~7×
+    # chunks that stay in cache: float64 accumulation then costs ~3× a float32 sum, not ~7×, and each input
+    # (float32, or bfloat16 as stored) is widened a chunk at a time instead of into a full-size copy
     chunk = ACCUMULATE_CHUNK if merged.device.type == "cpu" else flat.numel()
     for start in range(0, flat.numel(), max(chunk, 1)):
         total = flat[start : start + chunk]
         total.copy_(flat_inputs[0][start : start + chunk]).mul_(weights[0])
         for tensor, weight in zip(flat_inputs[1:], weights[1:], strict=True):
             total.add_(tensor[start : start + chunk], alpha=weight)  # computed in float64
-    if method_params.normalize:
-        merged /= sum(weights)
+        if total_weight is not None:
+            total /= total_weight
     return merged
 
 
@@ -57,5 +59,6 @@ register(
         model_params=LinearModelParams,
         method_params=LinearParams,
         elementwise=True,
+        widens_inputs=True,
     )
 )

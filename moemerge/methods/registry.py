@@ -85,6 +85,9 @@ class MergeMethod:
     # Each output entry depends only on the same entry of each input (no norms, top-k or random draws over
     # the tensor), so a large tensor can be merged one block of rows at a time with the same bits.
     elementwise: bool = False
+    # Takes its inputs in the math dtype as stored (bfloat16 too) and widens them chunk by chunk itself (linear):
+    # no full-size float32 copy of each input.
+    widens_inputs: bool = False
     two_pass: TwoPass | None = None  # per-tensor statistics, then blocks (SLERP, TIES); None: whole tensors
 
     def takes_base(self, base_model: str | None) -> bool:
