@@ -161,3 +161,49 @@ def test_ties_keeps_at_least_one_entry_when_density_is_positive_as_mergekit_does
     # int(0.05 · 10) = 0, but a positive density keeps the single largest magnitude
     assert torch.equal(prune_magnitude(delta.clone(), 0.05), torch.tensor([0, -0.7, 0, 0, 0, 0, 0, 0, 0, 0]))
     assert torch.equal(prune_magnitude(delta.clone(), 0.0), torch.zeros(10))
+
+
+def _mask_of_cut(delta: torch.Tensor, cut) -> torch.Tensor:
+    """The entries a MagnitudeCut keeps: |δ| above the threshold, and at it up to flat index `last_tie`."""
+    if cut.keep_all:
+        return torch.ones(delta.shape, dtype=torch.bool)
+    magnitude = delta.abs().reshape(-1)
+    at_cut = (magnitude == cut.threshold) & (torch.arange(magnitude.numel()) <= cut.last_tie)
+    return ((magnitude > cut.threshold) | at_cut).reshape(delta.shape)
+
+
+@pytest.mark.parametrize(
+    "kind, density",
+    [("ties", 0.0), ("ties", 0.001), ("ties", 0.5), ("ties", 0.97), ("ties", 1.0), ("distinct", 0.3), ("zeros", 0.5)],
+)
+def test_bracketed_cut_keeps_exactly_the_entries_of_the_full_selection(kind: str, density: float, monkeypatch) -> None:
+    """The sampled bracket and the exact pass inside it give the mask of a selection over every magnitude."""
+    import moemerge.methods.sparsify as sparsify
+    from moemerge.methods.sparsify import BRACKET_MIN_NUMEL, magnitude_cut_of
+
+    def no_full_selection(flat, k):
+        raise AssertionError("the bracket missed")
+
+    if 0.0 < density < 1.0:
+        monkeypatch.setattr(sparsify, "_cut_by_full_selection", no_full_selection)
+
+    generator = torch.Generator().manual_seed(int(density * 1000))
+    shape = (BRACKET_MIN_NUMEL // 1000 + 3, 1000)  # above the size where the bracket is used
+    if kind == "ties":  # few distinct magnitudes: ties straddle every cut
+        delta = torch.randint(-6, 7, shape, generator=generator).float() / 8
+    elif kind == "zeros":  # most entries zero, then the cut sits at 0
+        delta = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.05)
+    else:
+        delta = torch.randn(shape, generator=generator)
+    k = max(1, int(density * delta.numel())) if density > 0 else 0
+    assert torch.equal(_mask_of_cut(delta, magnitude_cut_of(delta, density)), top_magnitude_mask(delta, k))
+
+
+def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch) -> None:
+    import moemerge.methods.sparsify as sparsify
+
+    delta = torch.randint(-50, 51, (1100, 1000), generator=torch.Generator().manual_seed(1)).float()
+    expected = top_magnitude_mask(delta, int(0.4 * delta.numel()))
+    calls = []
+    monkeypatch.setattr(sparsify, "_sample_bracket", lambda flat, k: calls.append(k) or (0.0, 1.0))  # far too low
+    assert torch.equal(_mask_of_cut(delta, sparsify.magnitude_cut_of(delta, 0.4)), expected) and calls

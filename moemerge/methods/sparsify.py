@@ -252,3 +252,91 @@ def apply_random_cut(delta: torch.Tensor, cut: RandomCut, first_entry: int) -> t
     if cut.factor != 1.0:
         delta.mul_(cut.factor)
     return delta
+
+
+# Exact TIES cuts of whole in-memory task vectors: the threshold is bracketed from a sample of the magnitudes,
+# then one pass over δ counts what lies above the bracket and gathers what lies inside it, where the exact
+# k-th largest is selected among few entries. The result is the cut `magnitude_cut` finds (same threshold,
+# same lowest-index tie rule); a bracket that misses falls back to selecting over every magnitude.
+SELECT_SAMPLE = 2**16  # magnitudes sampled (strided) to bracket the threshold
+SELECT_CHUNK = 2**18  # entries scanned at once: the chunk's magnitudes and masks stay in cache
+BRACKET_MIN_NUMEL = 2**20  # smaller task vectors: one selection over all their magnitudes
+
+
+def magnitude_cut_of(delta: torch.Tensor, density: float) -> MagnitudeCut:
+    """The TIES trim (no rescale) of an in-memory CPU task vector, as a cut that `apply_cut` applies to any chunk."""
+    flat = delta.reshape(-1)
+    numel = flat.numel()
+    k = magnitude_keep_count(density, numel)
+    if k >= numel:
+        return MagnitudeCut(threshold=0.0, last_tie=numel, keep_all=True)
+    if k <= 0:
+        return MagnitudeCut(threshold=math.inf, last_tie=-1)
+    if numel >= BRACKET_MIN_NUMEL:
+        bracket = _sample_bracket(flat, k)
+        if bracket is not None:
+            cut = _cut_within(flat, k, *bracket)
+            if cut is not None:
+                return cut
+    return _cut_by_full_selection(flat, k)
+
+
+def _sample_bracket(flat: torch.Tensor, k: int) -> tuple[float, float] | None:
+    """Magnitudes (low, high) that hold the k-th largest |δ| between them with high probability."""
+    numel = flat.numel()
+    stride = max(1, numel // SELECT_SAMPLE)
+    sample = flat[::stride].abs().numpy()
+    size = sample.size
+    share = k / numel
+    expected = share * size  # sampled entries expected above the threshold
+    margin = 6.0 * math.sqrt(size * share * (1.0 - share)) + 8.0
+    above_high, above_low = int(expected - margin), int(math.ceil(expected + margin))
+    if above_low >= size:
+        return None  # the bracket would hold (nearly) everything: select over it all
+    sample.sort()
+    high = math.inf if above_high < 1 else float(sample[size - above_high])
+    low = float(sample[size - 1 - above_low])
+    return (low, high) if math.isfinite(low) else None
+
+
+def _cut_within(flat: torch.Tensor, k: int, low: float, high: float) -> MagnitudeCut | None:
+    """The exact cut when the k-th largest |δ| lies in [low, high]; None when it does not."""
+    numel = flat.numel()
+    magnitude = torch.empty(min(SELECT_CHUNK, numel), dtype=flat.dtype)
+    inside = torch.empty(magnitude.shape, dtype=torch.bool)
+    above = 0
+    values, positions = [], []
+    for start in range(0, numel, SELECT_CHUNK):
+        chunk = flat[start : start + SELECT_CHUNK]
+        size = chunk.numel()
+        chunk_magnitude, chunk_inside = magnitude[:size], inside[:size]
+        torch.abs(chunk, out=chunk_magnitude)
+        above += int(torch.count_nonzero(chunk_magnitude > high))
+        torch.ge(chunk_magnitude, low, out=chunk_inside)
+        chunk_inside &= chunk_magnitude <= high
+        found = torch.nonzero(chunk_inside).reshape(-1)  # ascending positions
+        values.append(chunk_magnitude[found])
+        positions.append(found.add_(start))
+    candidates = torch.cat(values)
+    wanted = k - above  # the threshold is the wanted-th largest candidate
+    if not 1 <= wanted <= candidates.numel():
+        return None
+    threshold = kth_largest(candidates.clone(), wanted, reorder=True)
+    ties_kept = wanted - int(torch.count_nonzero(candidates > threshold))
+    tied = torch.cat(positions)[candidates == threshold]
+    last_tie = numel if ties_kept >= tied.numel() else int(tied[ties_kept - 1])
+    return MagnitudeCut(threshold=float(threshold), last_tie=last_tie)
+
+
+def _cut_by_full_selection(flat: torch.Tensor, k: int) -> MagnitudeCut:
+    """The exact cut from a selection over every magnitude (small tensors, or a bracket that missed)."""
+    numel = flat.numel()
+    magnitudes = flat.abs()
+    threshold = kth_largest(magnitudes, k, reorder=True)
+    ties_kept = k - int(torch.count_nonzero(magnitudes > threshold))
+    ties = int(torch.count_nonzero(magnitudes == threshold))
+    del magnitudes
+    if ties_kept >= ties:
+        return MagnitudeCut(threshold=float(threshold), last_tie=numel)
+    tied = torch.nonzero((flat == threshold) | (flat == -threshold)).reshape(-1)
+    return MagnitudeCut(threshold=float(threshold), last_tie=int(tied[ties_kept - 1]))

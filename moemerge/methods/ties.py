@@ -7,9 +7,16 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
+from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
-from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, prune_magnitude
-from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
+from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, magnitude_cut_of, prune_magnitude
+from moemerge.methods.task_vectors import (
+    TaskVectorParams,
+    add_task_vectors,
+    add_task_vectors_in_chunks,
+    merge_sparsified,
+    task_vector,
+)
 
 
 class TiesModelParams(Params):
@@ -28,13 +35,28 @@ def merge(
     method_params: TiesParams,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """base + λ Σ_i m_i w_i δ̃_i / Σ_i m_i w_i with δ̃_i the top-density magnitudes of δ_i, m_i sign agreement."""
+    """base + λ Σ_i m_i w_i δ̃_i / Σ_i m_i w_i with δ̃_i the top-density magnitudes of δ_i, m_i sign agreement.
+
+    On the CPU each task vector's cut (threshold and last tie kept) is found first, then the trims, sign election
+    and sum run a chunk at a time; rescaled trims, NaN/Inf and other devices take the whole-tensor steps. Both
+    give the same bits.
+    """
     assert base is not None
+    deltas = [task_vector(tensor, base) for tensor in tensors]
+    weights = [params.weight for params in model_params]
+    combine = {"sign_consensus": True, "normalize": method_params.normalize, "scale": method_params.lambda_}
+    if method_params.rescale or base.device.type != "cpu" or any(nonfinite_count(delta) for delta in deltas):
+        trimmed = [
+            prune_magnitude(delta, params.density, method_params.rescale).mul_(params.weight)
+            for delta, params in zip(deltas, model_params, strict=True)
+        ]
+        return add_task_vectors(base, trimmed, weights, **combine)
+    cuts = [magnitude_cut_of(delta, params.density) for delta, params in zip(deltas, model_params, strict=True)]
 
-    def trim(index: int, delta: torch.Tensor) -> torch.Tensor:
-        return prune_magnitude(delta, model_params[index].density, method_params.rescale)
+    def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
+        return apply_cut(chunk, cuts[index], first_entry).mul_(weights[index])
 
-    return merge_sparsified(tensors, base, model_params, method_params, trim, sign_consensus=True)
+    return add_task_vectors_in_chunks(base, deltas, weights, prepare, **combine)
 
 
 def statistics(
