@@ -27,6 +27,10 @@ def _seconds(figures: dict) -> str:
     return f"{figures['wall_s']:.1f}" if figures else "–"
 
 
+def _cpu(figures: dict) -> str:
+    return f"{figures['cpu_s']:.1f}" if figures.get("cpu_s") is not None else "–"
+
+
 def _gb(megabytes: float) -> str:
     return f"{megabytes / 1000:.2f}"
 
@@ -50,8 +54,9 @@ def matrix_table(results: dict) -> str:
     """Every recipe in each cache state and math dtype measured: against mergekit and that run's I/O floor."""
     lines = [
         "| recipe | cache | math dtype | moemerge wall s | mergekit wall s | wall ratio | I/O floor s "
-        "| moemerge / floor | moemerge peak RSS GB | mergekit peak RSS GB | RSS ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| moemerge / floor | moemerge peak RSS GB | mergekit peak RSS GB | RSS ratio | moemerge CPU s "
+        "| mergekit CPU s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in _recipes(results):
         for suffix, cache, dtype in VARIANTS:
@@ -65,7 +70,8 @@ def matrix_table(results: dict) -> str:
                 f"| {_ratio(ours['wall_s'], theirs.get('wall_s'))} | {row['io_floor_s']:.1f} "
                 f"| {_ratio(ours['wall_s'], row['io_floor_s'])} | {_gb(ours['peak_rss_mb'])} "
                 f"| {_gb(theirs['peak_rss_mb']) if theirs else '–'} "
-                f"| {_ratio(ours['peak_rss_mb'], theirs.get('peak_rss_mb'))} |"
+                f"| {_ratio(ours['peak_rss_mb'], theirs.get('peak_rss_mb'))} | {ours['cpu_s']:.1f} "
+                f"| {_cpu(theirs)} |"
             )
     return "\n".join(lines)
 

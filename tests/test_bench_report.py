@@ -51,6 +51,6 @@ def test_warm_and_bfloat16_rows_form_the_matrix_table() -> None:
         "della-8L-warm": row("della", 8, figures(20.0, 1000)),
     }
     lines = report(results, {}).splitlines()
-    assert "| ties | warm | bfloat16 | 30.0 | 150.0 | 0.20 | 5.0 | 6.00 | 1.20 | 4.00 | 0.30 |" in lines
-    assert "| ties | cold | float32 | 40.0 | 160.0 | 0.25 | 5.0 | 8.00 | 1.50 | 4.50 | 0.33 |" in lines
+    assert "| ties | warm | bfloat16 | 30.0 | 150.0 | 0.20 | 5.0 | 6.00 | 1.20 | 4.00 | 0.30 | 30.0 | 150.0 |" in lines
+    assert "| ties | cold | float32 | 40.0 | 160.0 | 0.25 | 5.0 | 8.00 | 1.50 | 4.50 | 0.33 | 40.0 | 160.0 |" in lines
     assert any(line.startswith("| della | warm | float32 | 20.0 | – |") for line in lines)  # no mergekit run

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, random_cut
-from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
+from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors_in_chunks, merge_sparsified, task_vector
 
 
 class DareModelParams(Params):
@@ -40,10 +40,21 @@ def merge(
     if generator is None:
         raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
 
-    def drop(index: int, delta: torch.Tensor) -> torch.Tensor:
-        return drop_random(delta, model_params[index].density, method_params.rescale, generator)
-
-    return merge_sparsified(tensors, base, model_params, method_params, drop, sign_consensus=sign_consensus)
+    # the masks and L1 rescaling over each whole task vector, in model order (the draws a seed stands for), then
+    # the sign election and sum a cache-sized chunk at a time (the same bits as whole tensors, fewer temporaries)
+    weighted = [
+        drop_random(task_vector(tensor, base), params.density, method_params.rescale, generator).mul_(params.weight)
+        for tensor, params in zip(tensors, model_params, strict=True)
+    ]
+    return add_task_vectors_in_chunks(
+        base,
+        weighted,
+        [params.weight for params in model_params],
+        lambda index, chunk, first_entry: chunk,
+        sign_consensus=sign_consensus,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
+    )
 
 
 def statistics(

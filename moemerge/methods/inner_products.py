@@ -15,13 +15,20 @@ import torch
 GRAM_CHUNK = 2**20  # entries per input converted to float64 at once
 
 
-def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """G_ij = ⟨v_i, v_j⟩ over the flattened tensors, accumulated in float64; an n × n float64 CPU tensor."""
+def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> torch.Tensor:
+    """G_ij = ⟨v_i − o, v_j − o⟩ over the flattened tensors (o = `origin`, or 0), accumulated in float64.
+
+    An n × n float64 CPU tensor. The offsets from `origin` are formed a chunk at a time, never as full-size copies.
+    """
     flat = [vector.reshape(-1) for vector in vectors]
+    flat_origin = origin.reshape(-1) if origin is not None else None
     total = torch.zeros(len(flat), len(flat), dtype=torch.float64)
     numel = flat[0].numel()
     for start in range(0, numel, GRAM_CHUNK):
-        chunk = torch.stack([vector[start : start + GRAM_CHUNK] for vector in flat]).to(torch.float64)
+        rows = [vector[start : start + GRAM_CHUNK] for vector in flat]
+        if flat_origin is not None:
+            rows = [row - flat_origin[start : start + GRAM_CHUNK] for row in rows]
+        chunk = torch.stack(rows).to(torch.float64)
         total += (chunk @ chunk.T).cpu()
     return total
 

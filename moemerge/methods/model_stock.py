@@ -62,7 +62,8 @@ def merge(
     count = len(tensors)
     dtype = torch.promote_types(base.dtype, torch.float32)
     if not method_params.filter_wise:
-        ratio = interpolation_ratio(_mean_cosine(gram([tensor.to(dtype) - base for tensor in tensors])), count)
+        offsets = gram([tensor.to(dtype) for tensor in tensors], origin=base.to(dtype))  # offsets δ_i = x_i − base
+        ratio = interpolation_ratio(_mean_cosine(offsets), count)
         return combine(_coefficients(ratio, count), [*tensors, base])
     rows = (lambda x: x.unsqueeze(0)) if base.dim() < 2 else (lambda x: x)
     base_rows = rows(base.to(dtype))
