@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource
 
 
@@ -176,6 +177,8 @@ def magnitude_cut(source: BlockSource, model: int, density: float, rescale: bool
     assert magnitudes is not None
     if k <= 0:
         return MagnitudeCut(threshold=math.inf, last_tie=-1)
+    if not rescale and magnitudes.device.type == "cpu" and not nonfinite_count(magnitudes):
+        return magnitude_cut_of(magnitudes, density)  # bracketed selection; tied positions without a second pass
     l1_before = l1_norm(magnitudes) if rescale else 0.0
     threshold = kth_largest(magnitudes, k, reorder=True)  # the buffer's order is not needed again: counts only
     above = magnitudes > threshold
