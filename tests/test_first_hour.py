@@ -309,3 +309,31 @@ def test_a_run_ends_with_what_it_wrote_and_v_adds_the_plan_and_timings(name, toy
     assert "DEBUG: plan:\n" in verbose.output and END_RUNS[name][2] in verbose.output
     timings = next(line for line in verbose.output.splitlines() if line.startswith("DEBUG: timings: "))
     assert re.search(r"plan \d+\.\d\d s", timings) and re.search(r"(write|merge and write) \d+\.\d\d s", timings)
+
+
+@pytest.mark.skipif(not os.environ.get("MOEMERGE_MERGEKIT_PYTHON"), reason="set MOEMERGE_MERGEKIT_PYTHON")
+@pytest.mark.parametrize(("other", "refused"), [("mistral-math", True), ("alias", False)])
+def test_mergekit_refuses_the_same_mixes(other, refused, toy_folder, monkeypatch, tmp_path):
+    """Llama + Mistral needs --allow-crimes in both tools; a Llama whose config says LLaMaForCausalLM does not."""
+    import json
+    import shutil
+
+    monkeypatch.chdir(toy_folder)
+    if other == "alias" and not (toy_folder / "toy-models" / "alias").is_dir():
+        shutil.copytree(toy_folder / "toy-models" / "math", toy_folder / "toy-models" / "alias")
+        config_file = toy_folder / "toy-models" / "alias" / "config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "architectures": ["LLaMaForCausalLM"]}))
+    models = [str(toy_folder / "toy-models" / name) for name in ("coder", other)]
+    recipe = {"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1}} for model in models]}
+    ours = _run_in(toy_folder, "yaml", recipe, "--dry-run")
+    mergekit_yaml = Path(os.environ["MOEMERGE_MERGEKIT_PYTHON"]).parent / "mergekit-yaml"
+    theirs = subprocess.run(
+        [str(mergekit_yaml), "recipe.yml", str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert (ours.exit_code == 1 and "architectures differ" in ours.output) == refused, ours.output
+    assert ("--allow-crimes" in theirs.stderr) == refused, theirs.stderr[-2000:]
+    assert (theirs.returncode != 0) == refused
