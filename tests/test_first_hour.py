@@ -337,3 +337,22 @@ def test_mergekit_refuses_the_same_mixes(other, refused, toy_folder, monkeypatch
     assert (ours.exit_code == 1 and "architectures differ" in ours.output) == refused, ours.output
     assert ("--allow-crimes" in theirs.stderr) == refused, theirs.stderr[-2000:]
     assert (theirs.returncode != 0) == refused
+
+
+def test_evolve_refuses_a_mixed_template_before_any_candidate_runs(toy_folder, monkeypatch):
+    import yaml
+
+    import moemerge.distributed.ray_shards
+    from moemerge.cli.evolve_command import main
+
+    monkeypatch.chdir(toy_folder)
+    monkeypatch.setattr(moemerge.distributed.ray_shards, "start_ray", lambda *args: pytest.fail("Ray was started"))
+    template = LLAMA_AND_MISTRAL["models"] | {"models": [{"model": "toy-models/coder", "parameters": {"weight": 1}}]}
+    template["models"].append({"model": "toy-models/mistral-coder", "parameters": {"weight": {"min": 0, "max": 1}}})
+    (toy_folder / "evolve-mixed.yml").write_text(
+        yaml.safe_dump({"template": template, "objective": {"callable": "os:getcwd"}})
+    )
+    result = CliRunner().invoke(main, ["evolve-mixed.yml", "out/evolve-mixed"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: models: architectures differ: LlamaForCausalLM")
+    assert not (toy_folder / "out" / "evolve-mixed").exists()

@@ -106,6 +106,7 @@ def run_search(
     from moemerge.evolve.objective import score_candidate
 
     space = SearchSpace(template)
+    _check_models(space, objective)
     folder = Path(folder)
     _prepare_folder(folder, _identity(template, objective, settings), resume, overwrite)
     recorded = _read_results(folder)
@@ -159,6 +160,17 @@ def run_search(
     _plot(folder / PLOT, history)
     best = _write_best(folder, space)
     return SearchResult(best["score"], space.render(best["x"]), evaluated, settings.generations)
+
+
+def _check_models(space: SearchSpace, objective: Objective) -> None:
+    """The template's models open and share one architecture (or --allow-crimes), checked once here, where an
+    error is one line, instead of failing every candidate on the workers. The genes change numbers, not models."""
+    from moemerge.config.merge_recipe import parse_merge_recipe
+    from moemerge.io.loader import ModelPool
+    from moemerge.plan.dense_plan import open_models
+
+    middle = space.render(np.full(space.dimension, 0.5))
+    open_models(parse_merge_recipe(middle, "template"), ModelPool(), allow_crimes=objective.allow_crimes)
 
 
 def _score_on_ray(ray, space, points, missing, objective, settings, score_candidate):

@@ -157,13 +157,26 @@ def model_references(recipe: MergeRecipe) -> list[tuple[str, str]]:
     return references
 
 
-def open_models(recipe: MergeRecipe, pool: ModelPool) -> None:
-    """Open every model of the recipe (configs and headers only); a model that is not found names its recipe key."""
-    for key, reference in model_references(recipe):
+def open_models(recipe: MergeRecipe, pool: ModelPool, *, allow_crimes: bool = False) -> None:
+    """Open every model of the recipe (configs and headers only): a model that is not found names its recipe key,
+    and models of different architectures are refused unless allow_crimes (as mergekit)."""
+    references = model_references(recipe)
+    for key, reference in references:
         try:
             pool.get(reference)
         except MoemergeError as error:
             raise type(error)(f"{key}: {error}") from None
+    models = dict.fromkeys(reference for _, reference in references)
+    mixed = mixed_kinds({model: model_kind(pool.get(model).config) for model in models})
+    if mixed is None:
+        return
+    groups = [recipe] if recipe.modules is None else list(recipe.modules.values())
+    where = "slices" if any(group.slices for group in groups) else "models"
+    if recipe.modules is not None:
+        where = f"modules.{next(iter(recipe.modules))}.{where}"
+    if not allow_crimes:
+        raise ConfigError(f"{where}: architectures differ: {mixed} (--allow-crimes merges them anyway)")
+    log.warning("%s: architectures differ: %s; merging them as --allow-crimes asks", where, mixed)
 
 
 class _Planner:
@@ -174,12 +187,11 @@ class _Planner:
         self.method = get_method(recipe.merge_method)
         if self.method.uses_base and not recipe.base_model:
             raise ConfigError(f"base_model: required by merge_method {self.method.name!r}")
-        open_models(recipe, pool)
+        open_models(recipe, pool, allow_crimes=allow_crimes)
         self.reference = recipe.base_model or _first_model(recipe)
         self.reference_model = pool.get(self.reference)
         self.arch = architecture_for_config(self.reference_model.config, model_label=self.reference)
         (self.module,) = recipe_modules(recipe, self.arch)
-        self._check_one_architecture()
         self.slices = _normalised_slices(recipe, self.module, self.method, pool, self.arch)
         _check_sources(recipe, self.module, self.method, self.slices)
         self.models = list(dict.fromkeys(s.model for sl in self.slices for s in sl.sources))
@@ -188,17 +200,6 @@ class _Planner:
         self.vocabulary = self._output_vocabulary()
         self.merges: list[TensorMerge] = []
         self.source_layers: list[tuple[str, int]] = []  # output layer -> (model, layer) it came from
-
-    def _check_one_architecture(self) -> None:
-        """As mergekit: models of different architectures are merged only with --allow-crimes."""
-        models = dict.fromkeys(reference for _, reference in model_references(self.recipe))
-        mixed = mixed_kinds({model: model_kind(self.pool.get(model).config) for model in models})
-        if mixed is None:
-            return
-        where = f"{self.module.where}models" if self.module.slices is None else f"{self.module.where}slices"
-        if not self.allow_crimes:
-            raise ConfigError(f"{where}: architectures differ: {mixed} (--allow-crimes merges them anyway)")
-        log.warning("%s: architectures differ: %s; merging them as --allow-crimes asks", where, mixed)
 
     def plan(self) -> MergePlan:
         pre, post = self._model_level_names()
