@@ -269,7 +269,7 @@ def build_moe(
     trust_remote_code: bool = False,
     hidden_pool: str = "last",
     router_input: str = "layer",
-    fit_labels: str = "source",
+    fit_labels: str = "posterior",
     fit_window: int = 32,
     executor: str = "local",
     ray_address: str | None = None,

@@ -102,11 +102,11 @@ def build(folder: Path, work: Path, rebuild: bool) -> dict[str, Path]:
     variants = [  # (row label, gate_mode, CLI options, the base's MLP as a third expert)
         ("MoE hidden (mergekit)", "hidden", [], False),
         ("MoE hidden, router input", "hidden", ["--router-input", "mlp"], False),
-        ("MoE fitted, source labels", "fitted", [], False),
+        ("MoE fitted, source labels", "fitted", ["--fit-labels", "source"], False),
         ("MoE fitted, loss labels", "fitted", ["--fit-labels", "loss"], False),
         ("MoE fitted, loss labels, base MLP as 3rd expert", "fitted", ["--fit-labels", "loss"], True),
         ("MoE fitted, posterior labels", "fitted", ["--fit-labels", "posterior", "--fit-window", "1"], False),
-        ("MoE fitted, posterior labels over 32 tokens", "fitted", ["--fit-labels", "posterior"], False),
+        ("MoE fitted, posterior labels over 32 tokens", "fitted", [], False),
     ]
     for label, gate_mode, options, with_base in variants:
         for top_k in (1, 2):

@@ -91,7 +91,7 @@ def test_layer_by_layer_fit_equals_the_whole_model_reference_and_splits_with_a_r
 ):
     recipe = fitted_recipe(moe_models, tmp_path)
     out = tmp_path / "fitted-moe"
-    result = run_moe(moe_recipe_file(recipe), out, "--quiet")
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet", "--fit-labels", "source")
     assert result.exit_code == 0, result.output
     stored = read_tensors(out)
     reference = whole_model_reference(out, recipe)
@@ -175,7 +175,7 @@ def test_shared_expert_gate_is_fitted_to_open_on_its_own_text(moe_models, moe_re
     shared_text = PROMPTS["math"] * 3
     recipe = qwen2_fitted_recipe(moe_models, {"positive_prompts": shared_text})
     out = tmp_path / "qwen2-fitted"
-    result = run_moe(moe_recipe_file(recipe), out, "--quiet")
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet", "--fit-labels", "source")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / FIT_SUMMARY).read_text())
     assert summary["shared_gate"] == "fitted" and set(summary["layers"]) == {"0", "1", "2", "3"}
@@ -208,7 +208,7 @@ def test_shared_expert_gate_is_fitted_to_open_on_its_own_text(moe_models, moe_re
 
 def test_shared_expert_gate_without_text_stays_zero_with_source_labels(moe_models, moe_recipe_file, run_moe, tmp_path):
     out = tmp_path / "qwen2-fitted-no-shared-text"
-    result = run_moe(moe_recipe_file(qwen2_fitted_recipe(moe_models, {})), out, "--quiet")
+    result = run_moe(moe_recipe_file(qwen2_fitted_recipe(moe_models, {})), out, "--quiet", "--fit-labels", "source")
     assert result.exit_code == 0, result.output
     stored = read_tensors(out)
     assert all(stored[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].abs().sum() == 0 for layer in range(4))
@@ -229,14 +229,14 @@ def test_posterior_targets_are_each_experts_share_of_the_tokens_probability():
     torch.testing.assert_close(windowed[0, :3], torch.tensor([[share, 1 - share], [0.5, 0.5], [1 - share, share]]))
 
 
-def test_posterior_labels_over_a_window_from_the_command_line(moe_models, moe_recipe_file, run_moe, tmp_path):
+def test_posterior_labels_are_the_default_and_take_a_window(moe_models, moe_recipe_file, run_moe, tmp_path):
     recipe = mistral_recipe(
         moe_models,
         gate_mode="fitted",
         experts=[expert_entry(moe_models[name], PROMPTS[name]) for name in ("coder", "story")],
     )
     out = tmp_path / "posterior"
-    result = run_moe(moe_recipe_file(recipe), out, "--quiet", "--fit-labels", "posterior", "--fit-window", "4")
+    result = run_moe(moe_recipe_file(recipe), out, "--quiet", "--fit-window", "4")  # no --fit-labels: posterior
     assert result.exit_code == 0, result.output
     summary = json.loads((out / FIT_SUMMARY).read_text())
     assert summary["labels"] == "posterior" and summary["window"] == 4

@@ -55,7 +55,7 @@ from moemerge.cli.options import (
 @click.option(
     "--fit-labels",
     type=click.Choice(["source", "loss", "posterior"]),
-    default="source",
+    default="posterior",
     show_default=True,
     help="gate_mode fitted: route each calibration token to the expert whose text it is from, to the expert "
     "whose model predicts its next token best (loss), or in proportion to how well each expert's model predicts "

@@ -49,7 +49,7 @@ class MoeOptions:
     executor: str = "local"  # local | ray: output shards as Ray tasks (moemerge.distributed.ray_shards)
     ray_address: str | None = None  # join this Ray cluster; None starts a local Ray
     router_input: str = "layer"  # gate_mode hidden: the state entering the layer (mergekit) or its MLP ("mlp")
-    fit_labels: str = "source"  # gate_mode fitted: label tokens by their text's expert, or by the experts' loss
+    fit_labels: str = "posterior"  # gate_mode fitted: soft labels from the experts' losses (measured best)
     fit_window: int = 32  # gate_mode fitted, posterior labels: tokens over which each expert's losses are summed
 
 
