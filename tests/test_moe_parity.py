@@ -111,16 +111,7 @@ def test_prompt_router_rows_match_mergekit_moe(moe_models, moe_recipe_file, run_
             expert_entry(moe_models["math"], PROMPTS["math"][:1], negative_prompts=PROMPTS["story"][:1]),
         ],
     }
-    path = moe_recipe_file(recipe)
-    subprocess.run(
-        [os.environ["MOEMERGE_MERGEKIT_PYTHON"], "-m", "mergekit.scripts.moe", str(path), str(tmp_path / "mk")]
-        + ["--device", "cpu"],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert run_moe(path, tmp_path / "ours", "--quiet").exit_code == 0
-    theirs, ours = read_tensors(tmp_path / "mk"), read_tensors(tmp_path / "ours")
+    theirs, ours = _mergekit_and_ours(moe_recipe_file(recipe), run_moe, tmp_path)
     for layer in range(4):
         name = f"model.layers.{layer}.block_sparse_moe.gate.weight"
         mk_name = name if name in theirs else f"model.layers.{layer}.mlp.gate.weight"
@@ -148,7 +139,18 @@ def test_deepseek_output_tensors_match_mergekit_moe(moe_models, moe_recipe_file,
         "experts": [expert_entry(moe_models[name], PROMPTS[name][:1]) for name in ("coder", "math", "story")],
         "shared_experts": [expert_entry(moe_models["mistral"], residual_scale=0.5)],
     }
-    path = moe_recipe_file(recipe)
+    theirs, ours = _mergekit_and_ours(moe_recipe_file(recipe), run_moe, tmp_path)
+    assert {name for name in ours if not name.endswith("e_score_correction_bias")} == set(theirs)
+    for name, tensor in theirs.items():
+        if name.endswith("mlp.gate.weight"):
+            cosine = torch.nn.functional.cosine_similarity(ours[name], tensor.float(), dim=1)
+            assert float(cosine.min()) > 0.999999, name
+        else:
+            assert torch.equal(ours[name], tensor), name
+
+
+def _mergekit_and_ours(path, run_moe, tmp_path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors mergekit-moe (MOEMERGE_MERGEKIT_PYTHON, offline, CPU) and moemerge-moe write for one recipe."""
     subprocess.run(
         [os.environ["MOEMERGE_MERGEKIT_PYTHON"], "-m", "mergekit.scripts.moe", str(path), str(tmp_path / "mk")]
         + ["--device", "cpu"],
@@ -157,11 +159,4 @@ def test_deepseek_output_tensors_match_mergekit_moe(moe_models, moe_recipe_file,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run_moe(path, tmp_path / "ours", "--quiet").exit_code == 0
-    theirs, ours = read_tensors(tmp_path / "mk"), read_tensors(tmp_path / "ours")
-    assert {name for name in ours if not name.endswith("e_score_correction_bias")} == set(theirs)
-    for name, tensor in theirs.items():
-        if name.endswith("mlp.gate.weight"):
-            cosine = torch.nn.functional.cosine_similarity(ours[name], tensor.float(), dim=1)
-            assert float(cosine.min()) > 0.999999, name
-        else:
-            assert torch.equal(ours[name], tensor), name
+    return read_tensors(tmp_path / "mk"), read_tensors(tmp_path / "ours")
