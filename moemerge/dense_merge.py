@@ -253,6 +253,7 @@ def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> li
             lambda merge=merge, rows=rows: merge_tensor(plan, merge, pool, options, rows),
             sources=tuple((pool.get(item.model), item.name) for item in (*merge.inputs, *filter(None, [merge.base]))),
             rows=rows,
+            checked=True,  # merge_tensor screens the result before its cast, where an overflow is told from a NaN
         )
         for merge in plan.merges
         for rows in row_blocks(plan, merge)
