@@ -213,6 +213,27 @@ def recipes(models: Path, math_dtype: str = "float32") -> dict[str, tuple[str, s
             "yaml",
             f"merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {fine_tunes[0]}\n{math}",
         ),
+        "dare_linear": (
+            "yaml",
+            f"merge_method: dare_linear\nbase_model: {base}\nmodels:\n{listed(['weight: 0.5, density: 0.5'] * 3)}"
+            f"{math}",
+        ),
+        "breadcrumbs": (
+            "yaml",
+            f"merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
+            f"{listed(['weight: 0.5, density: 0.9, gamma: 0.01'] * 3)}{math}",
+        ),
+        "breadcrumbs_ties": (
+            "yaml",
+            f"merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n"
+            f"{listed(['weight: 1.0, density: 0.9, gamma: 0.01'] * 3)}parameters: {{normalize: true}}\n{math}",
+        ),
+        "passthrough": (  # a frankenmerge: 12 layers stacked from two 8-layer models
+            "yaml",
+            f"slices:\n  - sources:\n      - model: {fine_tunes[0]}\n        layer_range: [0, 6]\n"
+            f"  - sources:\n      - model: {fine_tunes[1]}\n        layer_range: [2, 8]\n"
+            f"merge_method: passthrough\n{math}",
+        ),
         "ram": ("yaml", f"merge_method: ram\nbase_model: {base}\nmodels:\n{listed([''] * 3)}{math}"),
         "ramplus_tl": ("yaml", f"merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n{listed([''] * 3)}{math}"),
     }
@@ -221,7 +242,7 @@ def recipes(models: Path, math_dtype: str = "float32") -> dict[str, tuple[str, s
 # deterministic methods: tensors must match mergekit's (arcee_fusion only up to mergekit's sampled quartiles on
 # tensors above 10⁶ entries)
 COMPARED = ("linear", "task_arithmetic", "ties", "slerp", "model_stock", "nuslerp", "multislerp", "karcher", "sce")
-COMPARED += ("nearswap", "arcee_fusion", "ram", "ramplus_tl")
+COMPARED += ("nearswap", "arcee_fusion", "ram", "ramplus_tl", "breadcrumbs", "breadcrumbs_ties", "passthrough")
 
 
 # ---------------------------------------------------------------- measuring
@@ -359,6 +380,12 @@ def main() -> None:
     parser.add_argument("--label", default="", help="suffix for result keys, e.g. gpu")
     parser.add_argument("--also-device", nargs="*", default=[], help="also run moemerge with --device X (cuda)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for moemerge (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--tools",
+        nargs="*",
+        choices=("moemerge", "mergekit"),
+        help="run only these (default: moemerge, and mergekit with --peer-venv); figures merge into existing rows",
+    )
     parser.add_argument("--generate-only", action="store_true")
     arguments = parser.parse_args()
 
@@ -371,8 +398,12 @@ def main() -> None:
     every = recipes(models, arguments.math_dtype)
     # result keys: name-8L, plus -bf16 for bfloat16 math and -warm for a warm cache (old keys stay valid)
     variant = ("-bf16" if arguments.math_dtype == "bfloat16" else "") + ("-warm" if arguments.cache == "warm" else "")
-    tools = ["moemerge"] + [f"moemerge-{device}" for device in arguments.also_device]
-    tools += ["mergekit"] if arguments.peer_venv else []
+    chosen = arguments.tools or ["moemerge", *(["mergekit"] if arguments.peer_venv else [])]
+    tools = ["moemerge"] + [f"moemerge-{device}" for device in arguments.also_device] if "moemerge" in chosen else []
+    tools += ["mergekit"] if "mergekit" in chosen else []
+    if "mergekit" in tools and not arguments.peer_venv:
+        parser.error("--tools mergekit needs --peer-venv")
+    floors: dict[tuple, float] = {}  # one I/O floor per input set and output size in a run
     results_path = BENCH / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " + (
@@ -389,7 +420,11 @@ def main() -> None:
         config = BENCH / "recipes" / f"{name}.yml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(text)
-        row = {"recipe": name, "layers": arguments.layers, "math_dtype": arguments.math_dtype, **run_info}
+        key = f"{name}-{arguments.layers}L{variant}{arguments.label}"
+        earlier = results.get(key, {}) if arguments.tools else {}  # a row measured one tool at a time
+        row = {**earlier, "recipe": name, "layers": arguments.layers, "math_dtype": arguments.math_dtype, **run_info}
+        if earlier:
+            row["runs"] = {**earlier.get("runs", {}), **{tool: run_info["date"] for tool in tools}}
         outputs = {}
         for tool in tools:
             out = BENCH / "out" / f"{tool}-{name}-{arguments.layers}L"
@@ -411,25 +446,30 @@ def main() -> None:
             row[tool] = figures
             outputs[tool] = out
             print(f"{name:16s} {tool:9s} {json.dumps(figures)}", flush=True)
-        cold = arguments.cache == "cold" and drop_caches()
-        if arguments.cache == "warm":
-            read_inputs(recipe_inputs(text))  # a warm cache: the user's second merge
-        output_bytes = folder_bytes(outputs["moemerge"]) if outputs["moemerge"].is_dir() else 10**9
-        row["io_floor_s"] = io_floor(recipe_inputs(text), output_bytes, BENCH / "out" / "floor.bin")
-        row["io_floor_cache"] = "cold" if cold else "warm"
-        if "mergekit" in row and row["mergekit"]["ok"] and row["moemerge"]["ok"]:
+        output_bytes = folder_bytes(outputs[tools[0]]) if outputs[tools[0]].is_dir() else 10**9
+        inputs = recipe_inputs(text)
+        floor_key = (tuple(map(str, inputs)), round(output_bytes / 1e7))
+        if floor_key not in floors:
+            cold = arguments.cache == "cold" and drop_caches()
+            if arguments.cache == "warm":
+                read_inputs(inputs)  # a warm cache: the user's second merge
+            floors[floor_key] = io_floor(inputs, output_bytes, BENCH / "out" / "floor.bin")
+            row["io_floor_cache"] = "cold" if cold else "warm"
+        row["io_floor_s"] = floors[floor_key]
+        if row.get("mergekit", {}).get("ok") and row.get("moemerge", {}).get("ok"):
             row["wall_ratio"] = round(row["moemerge"]["wall_s"] / row["mergekit"]["wall_s"], 3)
             row["rss_ratio"] = round(row["moemerge"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"], 3)
-            if name in COMPARED:
+            if name in COMPARED and {"moemerge", "mergekit"} <= set(outputs):
                 row["max_abs_diff_vs_mergekit"] = max_abs_diff(outputs["moemerge"], outputs["mergekit"])
-        for device in arguments.also_device:
+        for device in arguments.also_device if "moemerge" in tools else []:
             if row[f"moemerge-{device}"]["ok"] and row["moemerge"]["ok"]:
                 row[f"max_abs_diff_{device}_vs_cpu"] = max_abs_diff(outputs["moemerge"], outputs[f"moemerge-{device}"])
                 row[f"wall_ratio_{device}_vs_cpu"] = round(
                     row[f"moemerge-{device}"]["wall_s"] / row["moemerge"]["wall_s"], 3
                 )
         print(f"{name:16s} summary   {json.dumps({k: v for k, v in row.items() if k not in tools})}", flush=True)
-        results[f"{name}-{arguments.layers}L{variant}{arguments.label}"] = row
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # another run may write
+        results[key] = row
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         for out in outputs.values():
             shutil.rmtree(out, ignore_errors=True)
