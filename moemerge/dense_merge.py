@@ -13,7 +13,7 @@ import torch
 from moemerge.architectures import layer_of
 from moemerge.config.merge_recipe import MergeRecipe
 from moemerge.executor import OutputTensor, checked_output, write_outputs
-from moemerge.io.loader import ModelPool
+from moemerge.io.loader import LazyModel, ModelPool
 from moemerge.io.model_folder import write_config, write_model_card
 from moemerge.io.output_dir import staged_output
 from moemerge.io.summary import format_table
@@ -245,6 +245,20 @@ def parameter_table(plan: MergePlan, *, per_tensor: bool = False) -> list[str]:
     return format_table(rows)
 
 
+def unchanged_input(plan: MergePlan, merge: TensorMerge, pool: ModelPool) -> tuple[LazyModel, str] | None:
+    """The input a passthrough tensor is, bit for bit: no scale, no vocabulary mapping, the same dtype, and a math
+    dtype that holds it exactly (bfloat16 through float32 and back keeps every bit); else None (computed)."""
+    if plan.method.name != "passthrough" or len(merge.inputs) != 1 or merge.fit_vocab or merge.vocab is not None:
+        return None
+    if getattr(merge.model_params[0], "scale", None) is not None:
+        return None
+    model, name = pool.get(merge.inputs[0].model), merge.inputs[0].name
+    stored = model.dtype(name)
+    if stored != merge.spec.dtype or torch.promote_types(stored, plan.math_dtype) != plan.math_dtype:
+        return None
+    return model, name
+
+
 def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> list[OutputTensor]:
     """Every output tensor (or row block of one) of the plan, in plan order, with how to compute it."""
     return [
@@ -254,6 +268,7 @@ def planned_outputs(plan: MergePlan, pool: ModelPool, options: RunOptions) -> li
             sources=tuple((pool.get(item.model), item.name) for item in (*merge.inputs, *filter(None, [merge.base]))),
             rows=rows,
             checked=True,  # merge_tensor screens the result before its cast, where an overflow is told from a NaN
+            copy_of=unchanged_input(plan, merge, pool),
         )
         for merge in plan.merges
         for rows in row_blocks(plan, merge)

@@ -47,6 +47,10 @@ class OutputTensor:
     input_bytes: int = 0  # bytes `produce` reads, when not given by `sources`
     rows: tuple[int, int] | None = None  # produces only spec's rows [start, stop): one block of a large tensor
     checked: bool = False  # `produce` already returns spec's dtype screened by `checked_output`: not screened twice
+    # (model, tensor) whose stored bytes (its `rows` for a block) are this output unchanged: same dtype and shape,
+    # no transform. Placed by a kernel-side copy (`ShardedWriter.place_range`), unscreened: the user's own tensor,
+    # as mergekit writes it too. `produce` stays the fallback and must give the same bytes.
+    copy_of: tuple[LazyModel, str] | None = None
 
     @property
     def share(self) -> float:
@@ -73,6 +77,8 @@ def default_workers() -> int:
 
 def working_bytes(output: OutputTensor) -> int:
     """Estimated peak memory while producing and writing one tensor: inputs (as read and cast) + temporaries."""
+    if output.copy_of is not None:  # kernel copy: nothing here; its fallback holds the bytes read and written
+        return 2 * _output_bytes(output)
     numel = int(torch.Size(output.spec.shape).numel() * output.share)
     read = output.input_bytes
     if not read and output.sources:
@@ -87,9 +93,27 @@ def _output_bytes(output: OutputTensor) -> int:
 
 
 def _produce_and_write(writer: ShardedWriter, output: OutputTensor, allow_nonfinite: bool = False) -> None:
+    if output.copy_of is not None and copy_stored(writer, output):
+        return
     tensor = output.produce()
     written = tensor if output.checked else checked_output(output.spec, tensor, allow_nonfinite)
     writer.write(output.spec.name, written, first_row=output.rows[0] if output.rows else 0)
+
+
+def copy_stored(writer: ShardedWriter, output: OutputTensor) -> bool:
+    """Place an unchanged input tensor by a kernel-side copy of its checked byte range; False when it must be read
+    and written instead (a `.bin` or adapted input, another dtype or shape, a kernel or filesystem that cannot)."""
+    assert output.copy_of is not None
+    model, name = output.copy_of
+    spec, rows = output.spec, output.rows
+    stored = model.stored_range(name, rows)
+    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+    if stored is None or stored.dtype != spec.dtype or stored.shape != shape:
+        return False
+    if not writer.place_range(spec.name, stored.fd, stored.start, stored.length, first_row=rows[0] if rows else 0):
+        return False
+    model.check_unchanged(name)  # after the copy, as after a read: a shard rewritten in place is an error
+    return True
 
 
 def checked_output(spec: TensorSpec, tensor: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:

@@ -66,6 +66,18 @@ class StoredTensor:
     end: int
 
 
+@dataclass(frozen=True)
+class StoredRange:
+    """A tensor's bytes (or a block of its rows') in an open safetensors file whose header was checked: what a
+    kernel-side copy needs. `shape` is the range's own (the block's rows)."""
+
+    fd: int
+    start: int
+    length: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     mapping = dict(pairs)
     if len(mapping) != len(pairs):
@@ -370,11 +382,25 @@ class LazyModel:
             raise TensorError(f"model {self.label!r}: {file.name} ends before its tensors do (truncated download?)")
         return buffer
 
-    def _read_stored(
-        self, name: str, file: Path, first_row: int | None = None, rows: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """The stored bytes of a tensor, of its row `first_row` (shape without that dimension), or of `rows`."""
+    def stored_range(self, name: str, rows: tuple[int, int] | None = None) -> StoredRange | None:
+        """Where a safetensors tensor (or its rows [start, stop)) lies, from the header checked at open time;
+        None when the bytes are not a plain file range (a `.bin` shard, a tensor a LoRA adapter changes)."""
+        file = self._require(name)
+        if file.suffix != ".safetensors":
+            return None
         stored = self._stored(name, file)
+        start, length, shape = self._stored_bytes(name, stored, rows=rows)
+        return StoredRange(self._fd(file), start, length, stored.dtype, shape)
+
+    def check_unchanged(self, name: str) -> None:
+        """Raise if the shard holding `name` was written to in place since its header was read (see `read`)."""
+        file = self._require(name)
+        self._check_unchanged(file, self._fd(file))
+
+    def _stored_bytes(
+        self, name: str, stored: StoredTensor, first_row: int | None = None, rows: tuple[int, int] | None = None
+    ) -> tuple[int, int, tuple[int, ...]]:
+        """(start, length, shape) of a tensor, of its row `first_row` (shape without that dimension), or of `rows`."""
         shape, start, length = stored.shape, stored.start, stored.end - stored.start
         if first_row is not None:
             if not shape or not 0 <= first_row < shape[0]:
@@ -392,6 +418,14 @@ class LazyModel:
             shape = (row_stop - row_start, *shape[1:])
             start += row_start * row_bytes
             length = (row_stop - row_start) * row_bytes
+        return start, length, shape
+
+    def _read_stored(
+        self, name: str, file: Path, first_row: int | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The stored bytes of a tensor, of its row `first_row` (shape without that dimension), or of `rows`."""
+        stored = self._stored(name, file)
+        start, length, shape = self._stored_bytes(name, stored, first_row, rows)
         return self._read_range(file, start, length).view(stored.dtype).reshape(shape)
 
     def read(

@@ -24,6 +24,9 @@ from moemerge.io.loader import SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+# copy_file_range's answers that hold for every file pair of the run: no such call, different filesystems, a file
+# type or filesystem that cannot do it
+KERNEL_COPY_UNSUPPORTED = (errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ShardedWriter:
         self._unwritten = {spec.name: spec.nbytes for spec in specs}  # bytes still to come, per tensor
         self._location: dict[str, tuple[str, int, int]] = {}  # name -> (shard file, fd, absolute offset)
         self._files: list[tuple[str, int]] = []
+        self._kernel_copy = hasattr(os, "copy_file_range")  # place_range copies inside the kernel (Linux, Python 3.8+)
         shards = assign_shards(specs, max_shard_bytes)
         try:
             for number, shard in enumerate(shards, start=1):
@@ -147,8 +151,45 @@ class ShardedWriter:
         except OSError as error:
             raise _output_error(error, self.folder / name) from None
         _start_writeback(fd, start, offset - start)
+        self._count_written(name, block_bytes)
+
+    def place_range(self, name: str, source_fd: int, source_offset: int, length: int, first_row: int = 0) -> bool:
+        """Copy `length` bytes of an input file into the tensor's place (or its rows from `first_row`), inside the
+        kernel (`os.copy_file_range`): no buffer in this process, no page faults, no copies through user space.
+
+        Returns False, having counted nothing, when the kernel cannot do it here (no such call, another filesystem,
+        a source shorter than promised): the caller then writes the tensor itself, over whatever was copied.
+        """
+        spec = self.specs[name]
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+        whole = first_row == 0 and length == spec.nbytes
+        block = row_bytes > 0 and length % row_bytes == 0 and first_row + length // row_bytes <= spec.shape[0]
+        if not (whole or block):
+            raise RuntimeError(f"{name}: {length} bytes at row {first_row} do not fit its planned {spec.shape}")
+        if not self._kernel_copy:
+            return False
+        _, fd, offset = self._location[name]
+        offset += first_row * row_bytes
+        done = 0
+        try:
+            while done < length:
+                copied = os.copy_file_range(source_fd, fd, length - done, source_offset + done, offset + done)
+                if copied == 0:
+                    return False  # the source ends early: the caller's own read reports it
+                done += copied
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _output_error(error, self.folder / name) from None
+            if error.errno in KERNEL_COPY_UNSUPPORTED:
+                self._kernel_copy = False  # the same answer for every later tensor: stop asking
+            return False  # anything else: the caller's read and write report real errors in their own words
+        _start_writeback(fd, offset, length)
+        self._count_written(name, length)
+        return True
+
+    def _count_written(self, name: str, nbytes: int) -> None:
         with self._lock:
-            self._unwritten[name] -= block_bytes
+            self._unwritten[name] -= nbytes
             if self._unwritten[name] <= 0:
                 self._pending.discard(name)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import ModelNotFoundError, MoemergeError, TensorError
-from moemerge.io.loader import LazyModel
+from moemerge.io.loader import LazyModel, StoredRange
 from moemerge.io.model_ref import resolve_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -269,6 +269,10 @@ class AdaptedModel(LazyModel):
         for change in changes:
             updated = change.apply(updated, rows)
         return updated if dtype is None or updated.dtype == dtype else updated.to(dtype)
+
+    def stored_range(self, name: str, rows: tuple[int, int] | None = None) -> StoredRange | None:
+        """A tensor the adapter changes is not its stored bytes: never copied as a file range."""
+        return None if self.adapter.changes.get(name) else super().stored_range(name, rows)
 
     def read_slice(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.adapter.changes:

@@ -12,7 +12,7 @@ from moemerge.architectures import layer_of
 from moemerge.config.moe_recipe import MOE_DTYPES, MoeRecipe
 from moemerge.dense_merge import tensor_seed
 from moemerge.executor import OutputTensor, write_outputs
-from moemerge.io.loader import ModelPool
+from moemerge.io.loader import LazyModel, ModelPool
 from moemerge.io.model_folder import write_config, write_model_card, write_recipe
 from moemerge.io.output_dir import check_target, staged_output
 from moemerge.io.summary import Stage, format_table, no_stage
@@ -167,6 +167,14 @@ def _producer(tensor: PlannedTensor, gates: Gates, random_seed: int = 0):
     return lambda: tensor.model.read(tensor.source_name, dtype=torch.float32) * tensor.scale
 
 
+def _unchanged(tensor: PlannedTensor) -> tuple[LazyModel, str] | None:
+    """The input a planned tensor copies as it is (no noise, no scale): a kernel-side copy when the dtype matches."""
+    if tensor.origin is not Origin.COPY or tensor.scale != 1.0 or tensor.noise_scale:
+        return None
+    assert tensor.model is not None and tensor.source_name is not None
+    return tensor.model, tensor.source_name
+
+
 def output_tensors(
     planned: list[PlannedTensor], gates: Gates, dtype: torch.dtype, random_seed: int = 0
 ) -> list[OutputTensor]:
@@ -178,6 +186,7 @@ def output_tensors(
             sources=t.vocab_inputs
             or tuple((part.model, part.source_name) for part in t.parts)
             or (((t.model, t.source_name),) if t.model and t.source_name else ()),
+            copy_of=_unchanged(t),
         )
         for t in planned
     ]

@@ -21,6 +21,7 @@ import torch
 from moemerge.architectures import find_architecture, layer_of, with_legacy_rope_keys
 from moemerge.errors import MoemergeError
 from moemerge.executor import OutputTensor
+from moemerge.io.loader import LazyModel
 from moemerge.io.writer import TensorSpec
 from moemerge.split.experts import MoeSource, Part
 
@@ -95,13 +96,26 @@ def _scaled(weight: torch.Tensor, scale: float, part: Part) -> torch.Tensor:
     return (weight.float() * scale).to(weight.dtype)
 
 
+def _single_expert(source: MoeSource, layer: int, mix: LayerMix, part: Part) -> tuple[LazyModel, str] | None:
+    """The stored expert tensor a layer's dense projection is unchanged: one expert, no shared expert, no scale."""
+    if len(mix.experts) != 1 or mix.average or source.has_shared_expert:
+        return None
+    if part == "down" and mix.scales[0] != 1.0:
+        return None
+    return source.stored_expert_part(layer, mix.experts[0], part)
+
+
 def plan_dense(source: MoeSource, mixes: dict[int, LayerMix]) -> list[OutputTensor]:
     """Every output tensor of the dense model: non-expert tensors copied, one mixed MLP per layer."""
     dense_arch = find_architecture(dense_model_type(source))
     assert dense_arch is not None and dense_arch.dense_mlp is not None
     model = source.model
     outputs = [
-        OutputTensor(TensorSpec(name, model.shape(name), model.dtype(name)), lambda name=name: model.read(name))
+        OutputTensor(
+            TensorSpec(name, model.shape(name), model.dtype(name)),
+            lambda name=name: model.read(name),
+            copy_of=(model, name),
+        )
         for name in model.names
         if not source.is_expert_tensor(name)
     ]
@@ -114,7 +128,11 @@ def plan_dense(source: MoeSource, mixes: dict[int, LayerMix]) -> list[OutputTens
             shape = (hidden, width) if part == "down" else (width, hidden)
             spec = TensorSpec(dense_arch.layer_name(layer, suffix), shape, source.part_dtype(layer))
             outputs.append(
-                OutputTensor(spec, lambda layer=layer, mix=mix, part=part: mixed_part(source, layer, mix, part))
+                OutputTensor(
+                    spec,
+                    lambda layer=layer, mix=mix, part=part: mixed_part(source, layer, mix, part),
+                    copy_of=_single_expert(source, layer, mix, part),
+                )
             )
     return in_layer_order(outputs)
 

@@ -159,6 +159,13 @@ class MoeSource:
         gate, up = self.model.read_slice(fused.gate_up, expert).chunk(2, dim=0)
         return (gate if part == "gate" else up).contiguous()
 
+    def stored_expert_part(self, layer: int, expert: int, part: Part) -> tuple[LazyModel, str] | None:
+        """(model, tensor) that `expert_part` returns unchanged: a per-expert layout's own tensor; None when fused."""
+        if layer in self.fused:
+            return None
+        self.check_expert(expert)
+        return self.model, self.expert_name(layer, expert, part)
+
     def part_shape(self, layer: int, part: Part) -> tuple[int, ...]:
         fused = self.fused.get(layer)
         if fused is None:

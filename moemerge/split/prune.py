@@ -36,7 +36,11 @@ def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTen
     where the family has no other)."""
     model = source.model
     outputs = [
-        OutputTensor(TensorSpec(name, model.shape(name), model.dtype(name)), lambda name=name: model.read(name))
+        OutputTensor(
+            TensorSpec(name, model.shape(name), model.dtype(name)),
+            lambda name=name: model.read(name),
+            copy_of=(model, name),
+        )
         for name in model.names
         if not source.is_expert_tensor(name) or source.arch.role_of(name) in SHARED_ROLES
     ]
@@ -73,7 +77,9 @@ def plan_pruned(source: MoeSource, kept: dict[int, list[int]]) -> list[OutputTen
                 )
                 outputs.append(
                     OutputTensor(
-                        spec, lambda layer=layer, old=old_index, part=part: source.expert_part(layer, old, part)
+                        spec,
+                        lambda layer=layer, old=old_index, part=part: source.expert_part(layer, old, part),
+                        copy_of=source.stored_expert_part(layer, old_index, part),
                     )
                 )
     return in_layer_order(outputs)
