@@ -21,20 +21,31 @@ def row(recipe: str, layers: int, ours: dict, **extra) -> dict:
     return {**info, "moemerge": ours, "io_floor_s": 5.0, **extra}
 
 
-def test_ratios_and_the_size_check_come_from_the_recorded_figures() -> None:
+def test_ratios_targets_and_the_size_check_come_from_the_recorded_figures() -> None:
     results = {
-        "linear-8L": row("linear", 8, figures(10.0, 800), mergekit=figures(25.0, 2000), max_abs_diff_vs_mergekit=0.0),
-        "ties-8L": row("ties", 8, figures(50.0, 2500), mergekit=figures(500.0, 3000, ok=False)),
-        "linear-16L": row("linear", 16, figures(21.0, 840)),
+        "linear-8L-warm": row("linear", 8, figures(10.0, 800), mergekit=figures(25.0, 2000)),
+        "ties-8L-warm": row("ties", 8, figures(50.0, 2500), mergekit=figures(500.0, 3000, ok=False)),
+        "dare_ties-8L-warm": row("dare_ties", 8, figures(30.0, 1600), mergekit=figures(100.0, 3000)),
+        "moe-8L-warm": row("moe", 8, figures(6.0, 400), mergekit=figures(10.0, 2000)),
+        "linear-16L-warm": row("linear", 16, figures(21.0, 840)),
     }
-    text = report(results, {})
-    lines = text.splitlines()
-    linear = next(line for line in lines if line.startswith("| linear | 10.0"))
-    # wall 10 / 25 = 0.40, 10 s against a 5 s floor = 2.00, RSS 0.8 / 2.0 GB = 0.40
-    assert "| 0.40 | 5.0 | 2.00 | 0.80 | 2.00 | 0.40 |" in linear
+    lines = report(results, {}).splitlines()
+    linear = next(line for line in lines if line.startswith("| linear | warm | float32 | 10.0"))
+    # wall 10 / 25 = 0.40, 10 s against a 5 s floor = 2.00 (the ≤ 2× floor target, met), RSS 0.8 / 2.0 GB = 0.40
+    assert "| 25.0 | 0.40 | 5.0 | 2.00 | 0.80 / 2.00 | 0.40 | 10.0 / 25.0 | ≤ 2× floor | yes |" in linear
     ties = next(line for line in lines if line.startswith("| ties |"))
-    assert "| – |" in ties  # a failed mergekit run gives no ratio
-    assert "| linear | 0.80 | 0.84 | +5% | 10.0 / 21.0 |" in lines
+    assert "| – | – | 5.0 | 10.00 |" in ties and ties.endswith("| ≤ 0.2× mergekit | – |")  # mergekit failed
+    dare = next(line for line in lines if line.startswith("| dare_ties |"))
+    assert dare.endswith("| ≤ 0.2× mergekit | no: wall 0.30× mergekit, RSS 0.53× |")  # 30 / 100 s, 1.6 / 3.0 GB
+    moe = next(line for line in lines if line.startswith("| moe |"))
+    assert moe.endswith("| ≤ 2× floor, ≤ 0.5× mergekit | no: wall 0.60× mergekit |")  # 1.2× its 5 s floor: met
+    assert "| linear | warm, float32 | 0.80 | 0.84 | +5% | 10.0 / 21.0 |" in lines
+
+
+def test_cold_rows_carry_only_the_memory_target() -> None:
+    results = {"ties-8L": row("ties", 8, figures(50.0, 2500), mergekit=figures(100.0, 3000))}
+    ties = next(line for line in report(results, {}).splitlines() if line.startswith("| ties | cold"))
+    assert ties.endswith("| – | no: RSS 0.83× |")
 
 
 def test_the_readme_block_between_the_markers_is_replaced_and_the_rest_kept() -> None:
@@ -51,6 +62,12 @@ def test_warm_and_bfloat16_rows_form_the_matrix_table() -> None:
         "della-8L-warm": row("della", 8, figures(20.0, 1000)),
     }
     lines = report(results, {}).splitlines()
-    assert "| ties | warm | bfloat16 | 30.0 | 150.0 | 0.20 | 5.0 | 6.00 | 1.20 | 4.00 | 0.30 | 30.0 | 150.0 |" in lines
-    assert "| ties | cold | float32 | 40.0 | 160.0 | 0.25 | 5.0 | 8.00 | 1.50 | 4.50 | 0.33 | 40.0 | 160.0 |" in lines
+    assert (
+        "| ties | warm | bfloat16 | 30.0 | 150.0 | 0.20 | 5.0 | 6.00 | 1.20 / 4.00 | 0.30 | 30.0 / 150.0 "
+        "| ≤ 0.2× mergekit | yes |" in lines
+    )
+    assert (
+        "| ties | cold | float32 | 40.0 | 160.0 | 0.25 | 5.0 | 8.00 | 1.50 / 4.50 | 0.33 | 40.0 / 160.0 | – | yes |"
+        in lines
+    )
     assert any(line.startswith("| della | warm | float32 | 20.0 | – |") for line in lines)  # no mergekit run
