@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
 from pydantic import Field
 
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
-from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, random_cut
-from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors_in_chunks, merge_sparsified, task_vector
+from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, drop_random_factor, random_cut
+from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors_in_chunks, task_vector
 
 
 class DareModelParams(Params):
@@ -40,21 +41,40 @@ def merge(
     if generator is None:
         raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
 
-    # the masks and L1 rescaling over each whole task vector, in model order (the draws a seed stands for), then
-    # the sign election and sum a cache-sized chunk at a time (the same bits as whole tensors, fewer temporaries)
-    weighted = [
-        drop_random(task_vector(tensor, base), params.density, method_params.rescale, generator).mul_(params.weight)
-        for tensor, params in zip(tensors, model_params, strict=True)
-    ]
+    weights = [params.weight for params in model_params]
+    if base.device.type != "cpu":
+        weighted = [
+            drop_random(task_vector(tensor, base), params.density, method_params.rescale, generator).mul_(params.weight)
+            for tensor, params in zip(tensors, model_params, strict=True)
+        ]
+        factors: list[float | None] = [None] * len(weighted)
+    else:
+        # each mask drawn a cache-sized chunk at a time in model order (the draws a seed stands for), the L1 norms
+        # over each whole task vector; the factors and weights are applied in the chunked sign election and sum:
+        # the same bits as `drop_random` on whole tensors, without its full-size draws, masks and extra passes
+        factors = [
+            drop_random_factor(tensor, base, params.density, method_params.rescale, generator)
+            for tensor, params in zip(tensors, model_params, strict=True)
+        ]
+        weighted = list(tensors)
     return add_task_vectors_in_chunks(
         base,
         weighted,
-        [params.weight for params in model_params],
-        lambda index, chunk, first_entry: chunk,
+        weights,
+        partial(_rescaled_and_weighted, factors, weights if base.device.type == "cpu" else None),
         sign_consensus=sign_consensus,
         normalize=method_params.normalize,
         scale=method_params.lambda_,
     )
+
+
+def _rescaled_and_weighted(
+    factors: Sequence[float | None], weights: Sequence[float] | None, index: int, chunk: torch.Tensor, first_entry: int
+) -> torch.Tensor:
+    """w_i · (factor_i · δ̃_i) for a chunk of a dropped task vector, in place (as drop_random, then the weight)."""
+    if factors[index] is not None:
+        chunk.mul_(factors[index])
+    return chunk.mul_(weights[index]) if weights is not None else chunk
 
 
 def statistics(
@@ -82,14 +102,21 @@ def merge_block(
     *,
     sign_consensus: bool,
 ) -> torch.Tensor:
-    """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum."""
-    return merge_sparsified(
-        tensors,
+    """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum, by chunks."""
+    weights = [params.weight for params in model_params]
+    deltas = [  # the masks here, the rescale factors with the weights in the chunked sum (one pass fewer)
+        apply_random_cut(task_vector(tensor, base), replace(cut, factor=1.0), first_entry)
+        for tensor, cut in zip(tensors, cuts, strict=True)
+    ]
+    factors = [cut.factor if cut.factor != 1.0 else None for cut in cuts]
+    return add_task_vectors_in_chunks(
         base,
-        model_params,
-        method_params,
-        lambda index, delta: apply_random_cut(delta, cuts[index], first_entry),
+        deltas,
+        weights,
+        partial(_rescaled_and_weighted, factors, weights),
         sign_consensus=sign_consensus,
+        normalize=method_params.normalize,
+        scale=method_params.lambda_,
     )
 
 

@@ -225,33 +225,126 @@ def apply_cut(delta: torch.Tensor, cut: MagnitudeCut, first_entry: int) -> torch
     return delta
 
 
+# DARE's masks are drawn a chunk at a time into one reused buffer: torch's CPU generator gives the same stream
+# however it is split (torch.rand(n) equals the concatenation of its chunks), so the masks keep today's bits without
+# a full-size float32 draw buffer and bool mask (page faults the kernel pays for by zeroing fresh memory).
+DRAW_CHUNK = 2**16  # draws at once: the draws and their mask stay in cache
+
+
+def drop_random_in_chunks(
+    delta: torch.Tensor, density: float, generator: torch.Generator, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """δ ·= [u < density] in place, with u the generator's next δ.numel() uniform draws (as `random_keep_mask`).
+
+    With `base`, `delta` holds x and becomes δ = x − base chunk by chunk in the same pass. CPU tensors only.
+    """
+    flat = delta.reshape(-1)
+    flat_base = base.reshape(-1) if base is not None else None
+    for start, keep in _keep_chunks(flat.numel(), density, generator):
+        chunk = flat[start : start + keep.numel()]
+        if flat_base is not None:
+            chunk.sub_(flat_base[start : start + keep.numel()])
+        chunk.mul_(keep)
+    return delta
+
+
+def _keep_chunks(
+    numel: int, density: float, generator: torch.Generator, step: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first flat entry, bool keep-mask) for the next `numel` draws, `step` (DRAW_CHUNK) at a time, buffers reused."""
+    step = step or DRAW_CHUNK
+    draws = torch.empty(min(step, numel))
+    keep = torch.empty(draws.shape, dtype=torch.bool)
+    for start in range(0, numel, step):
+        size = min(step, numel - start)
+        chunk_draws, chunk_keep = draws[:size], keep[:size]
+        torch.rand(size, generator=generator, out=chunk_draws)
+        yield start, torch.lt(chunk_draws, density, out=chunk_keep)
+
+
+def drop_random_factor(
+    tensor: torch.Tensor, base: torch.Tensor, density: float, rescale: bool, generator: torch.Generator
+) -> float | None:
+    """DARE's drop of one input, in place: `tensor` becomes the masked δ = x − base; returns the rescale factor.
+
+    The factor (None: none to apply) is `drop_random`'s, from the same whole-tensor L1 norms, but is left for the
+    caller to apply chunk by chunk with the weight: the bits of `drop_random(δ, …)` without its extra passes.
+    """
+    if density >= 1.0:
+        tensor.sub_(base)
+        return None
+    if not rescale:
+        drop_random_in_chunks(tensor, density, generator, base=base)  # one pass: subtract, draw, mask
+        return None
+    delta = tensor.sub_(base)
+    l1_before = l1_norm(delta)
+    drop_random_in_chunks(delta, density, generator)
+    kept_l1 = l1_norm(delta)
+    return l1_before / kept_l1 if kept_l1 > 0.0 else None
+
+
 @dataclass(frozen=True)
 class RandomCut:
-    """DARE's keep-mask of one task vector (drawn whole, as `drop_random` draws it) and its rescale factor."""
+    """A random drop of one task vector that each row block applies on its own, and the rescale factor.
 
-    keep: torch.Tensor | None  # flat bool mask; None keeps everything
+    The mask is a flat bool tensor (`keep`, DELLA) or packed one bit per entry (`packed_keep`, DARE: 8× smaller,
+    and unpacking a chunk is measured ~15× cheaper than redrawing it); neither keeps everything.
+    """
+
+    keep: torch.Tensor | None  # flat bool mask; None (and no packed mask) keeps everything
     factor: float = 1.0
+    packed_keep: np.ndarray | None = None  # np.packbits of the flat bool mask (big-endian bit order)
 
 
 def random_cut(source: BlockSource, model: int, density: float, rescale: bool, generator: torch.Generator) -> RandomCut:
     """The DARE drop of input `model`: the mask from the same draws as the whole-tensor path, L1 sums by block."""
     if density >= 1.0:
         return RandomCut(keep=None)
-    keep = random_keep_mask(torch.Size([source.numel]), density, generator)
+    numel = source.numel
+    packed = np.empty((numel + 7) // 8, dtype=np.uint8)
+    step = -(-DRAW_CHUNK // 8) * 8  # chunks start on whole bytes of the packed mask
     if not rescale:
-        return RandomCut(keep=keep)
+        for start, keep in _keep_chunks(numel, density, generator, step):
+            _pack_into(packed, start, keep)
+        return RandomCut(keep=None, packed_keep=packed)
     l1_before = l1_kept = 0.0
+    chunks = _keep_chunks(numel, density, generator, step)
+    drawn = 0  # the mask is drawn on a grid of DRAW_CHUNK entries, ahead of the blocks, whatever their size
     for first, magnitude in _block_magnitudes(source, model):
         l1_before += l1_norm(magnitude)
-        l1_kept += l1_norm(magnitude.mul_(keep[first : first + magnitude.numel()].to(magnitude.device)))
-    return RandomCut(keep=keep, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0)
+        while drawn < first + magnitude.numel():
+            start, keep = next(chunks)
+            _pack_into(packed, start, keep)
+            drawn = start + keep.numel()
+        l1_kept += l1_norm(apply_random_cut(magnitude, RandomCut(keep=None, packed_keep=packed), first))
+    for start, keep in chunks:  # blocks that did not cover the tensor still leave the generator where it was
+        _pack_into(packed, start, keep)
+    return RandomCut(keep=None, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0, packed_keep=packed)
+
+
+def _pack_into(packed: np.ndarray, start: int, keep: torch.Tensor) -> None:
+    """Store a chunk of a mask (first entry `start`, a multiple of 8) one bit per entry."""
+    packed[start // 8 : (start + keep.numel() + 7) // 8] = np.packbits(keep.numpy())
+
+
+def unpack_keep(packed: np.ndarray, start: int, count: int) -> torch.Tensor:
+    """Entries [start, start + count) of a packed mask, as a bool tensor."""
+    first_byte = start // 8
+    bits = np.unpackbits(packed[first_byte : (start + count + 7) // 8])
+    offset = start - 8 * first_byte
+    return torch.from_numpy(bits[offset : offset + count].view(np.bool_))
 
 
 def apply_random_cut(delta: torch.Tensor, cut: RandomCut, first_entry: int) -> torch.Tensor:
-    """Zero, in place, the entries of a block of δ that DARE drops, and rescale the survivors."""
+    """Zero, in place, the entries of a block of δ that the drop removes, and rescale the survivors."""
     if cut.keep is not None:
         keep = cut.keep[first_entry : first_entry + delta.numel()].to(delta.device)
         delta.mul_(keep.reshape(delta.shape))
+    elif cut.packed_keep is not None:
+        flat = delta.reshape(-1)
+        for start in range(0, flat.numel(), DRAW_CHUNK):
+            chunk = flat[start : start + DRAW_CHUNK]
+            chunk.mul_(unpack_keep(cut.packed_keep, first_entry + start, chunk.numel()).to(delta.device))
     if cut.factor != 1.0:
         delta.mul_(cut.factor)
     return delta
