@@ -136,14 +136,17 @@ def statistics(
         if params.density <= 0.0:
             cuts.append(RandomCut(keep=keep))
             continue
-        draws = _draws(source.numel, generator)
         l1_before = l1_kept = 0.0
+        drawn = 0
         for first, base, (tensor,) in source.blocks([index]):
             magnitudes = tensor.sub_(base).abs_()
             count = magnitudes.numel()
-            block_keep = magprune_keep(
-                magnitudes.cpu(), draws[first : first + count].reshape(magnitudes.shape), params.density, params.epsilon
-            )
+            assert first == drawn, "row blocks come in order and cover the tensor"
+            # each block's draws as it comes: the generator's stream is the same however it is split, so these
+            # are the whole tensor's draws without a full-size float32 buffer of them
+            block_draws = _draws(count, generator).reshape(magnitudes.shape)
+            drawn += count
+            block_keep = magprune_keep(magnitudes.cpu(), block_draws, params.density, params.epsilon)
             keep[first : first + count] = block_keep.reshape(-1)
             if method_params.rescale:
                 l1_before += l1_norm(magnitudes)
