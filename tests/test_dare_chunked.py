@@ -138,3 +138,47 @@ def test_packed_masks_unpack_any_range(start, count) -> None:
     keep = torch.rand(1001, generator=torch.Generator().manual_seed(1)) < 0.5
     packed = np.packbits(keep.numpy())
     assert torch.equal(sparsify.unpack_keep(packed, start, count), keep[start : start + count])
+
+
+def bool_sign_election(base, weighted_deltas, weights, normalize, scale):
+    """The sign election as it was: bool masks, converted to a float factor once per model."""
+    total = weighted_deltas[0].clone()
+    for weighted in weighted_deltas[1:]:
+        total += weighted
+    positive = total >= 0
+    divisor = torch.zeros_like(base) if normalize else None
+    terms = []
+    for weighted, weight in zip(weighted_deltas, weights, strict=True):
+        factor = ((weighted > 0) & positive | (weighted < 0) & ~positive).to(weighted.dtype)
+        terms.append(weighted * factor)
+        if divisor is not None:
+            divisor.add_(factor, alpha=weight)
+    mixed = terms[0]
+    for term in terms[1:]:
+        mixed += term
+    if divisor is not None:
+        divisor += divisor == 0
+        mixed /= divisor
+    return mixed.mul_(scale).add_(base)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 0.8], [1.0, -1.0, 0.3], [0.7]])
+def test_float_sign_election_has_the_bits_of_the_bool_one(normalize, weights) -> None:
+    """Signed zeros, infinities, NaN and cancelling weights: byte-equal, -0.0 and NaN payloads included."""
+    generator = torch.Generator().manual_seed(2)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, -1e-30, 3.0, -3.0])
+    size = 4000
+    base = special[torch.randint(0, len(special), (size,), generator=generator)].clone()
+    base[::3] = torch.randn(base[::3].shape, generator=generator)
+    deltas = []
+    for _ in weights:
+        delta = torch.randn(size, generator=generator)
+        pick = torch.rand(size, generator=generator) < 0.4
+        delta[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=generator)]
+        deltas.append(delta)
+    expected = bool_sign_election(base, [d.clone() for d in deltas], weights, normalize, 0.9)
+    merged = add_task_vectors(
+        base, [d.clone() for d in deltas], weights, sign_consensus=True, normalize=normalize, scale=0.9
+    )
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
