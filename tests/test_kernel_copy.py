@@ -224,3 +224,14 @@ def test_place_range_falls_back_or_reports(tmp_path, monkeypatch):
         os.close(fd)
     shard = (tmp_path / "model-00001-of-00001.safetensors").read_bytes()
     assert shard[-16:] == bytes(range(16))
+
+
+def test_only_plain_safetensors_ranges_are_offered_for_copies(toy_models, lora_models):
+    adapted = LazyModel.open(f"{lora_models['base']}+{lora_models['plain']}")
+    changed, untouched = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert adapted.adapter.changes.get(changed) and not adapted.adapter.changes.get(untouched)
+    assert adapted.stored_range(changed) is None  # the adapter's update is not in the file
+    stored = adapted.stored_range(untouched, rows=(2, 5))
+    assert stored is not None and stored.shape == (3, *adapted.shape(untouched)[1:])
+    assert os.pread(stored.fd, stored.length, stored.start) == adapted.read(untouched, rows=(2, 5)).numpy().tobytes()
+    assert LazyModel(toy_models["coder_bin"]).stored_range(untouched) is None  # a pickled .bin: read, not copied
