@@ -169,12 +169,7 @@ def magnitude_cut(source: BlockSource, model: int, density: float, rescale: bool
     k = magnitude_keep_count(density, numel)
     if k >= numel:
         return MagnitudeCut(threshold=0.0, last_tie=numel, keep_all=True)
-    magnitudes: torch.Tensor | None = None
-    for first, block in _block_magnitudes(source, model):
-        if magnitudes is None:
-            magnitudes = torch.empty(numel, dtype=block.dtype, device=block.device)
-        magnitudes[first : first + block.numel()] = block
-    assert magnitudes is not None
+    magnitudes = gathered_magnitudes(source, model)
     if k <= 0:
         return MagnitudeCut(threshold=math.inf, last_tie=-1)
     if not rescale and magnitudes.device.type == "cpu" and not nonfinite_count(magnitudes):
@@ -212,17 +207,34 @@ def _block_magnitudes(source: BlockSource, model: int) -> Iterator[tuple[int, to
 def apply_cut(delta: torch.Tensor, cut: MagnitudeCut, first_entry: int) -> torch.Tensor:
     """Zero, in place, the entries of a block of δ (flat entries from `first_entry` on) that `cut` drops."""
     if not cut.keep_all:
-        flat = delta.reshape(-1)
-        keep = flat > cut.threshold
-        keep |= flat < -cut.threshold
-        if cut.last_tie >= first_entry:
-            at_threshold = (flat == cut.threshold) | (flat == -cut.threshold)
-            at_threshold[cut.last_tie - first_entry + 1 :] = False
-            keep |= at_threshold
-        delta.mul_(keep.reshape(delta.shape))
+        delta.mul_(cut_keeps(delta.reshape(-1), cut, first_entry).reshape(delta.shape))
     if cut.factor != 1.0:
         delta.mul_(cut.factor)
     return delta
+
+
+def cut_keeps(flat: torch.Tensor, cut: MagnitudeCut, first_entry: int) -> torch.Tensor:
+    """True where `cut` keeps an entry of a flat block of δ whose first entry is `first_entry`."""
+    if cut.keep_all:
+        return torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+    keep = flat > cut.threshold
+    keep |= flat < -cut.threshold
+    if cut.last_tie >= first_entry:
+        at_threshold = (flat == cut.threshold) | (flat == -cut.threshold)
+        at_threshold[cut.last_tie - first_entry + 1 :] = False
+        keep |= at_threshold
+    return keep
+
+
+def gathered_magnitudes(source: BlockSource, model: int) -> torch.Tensor:
+    """|δ| of input `model`'s whole task vector in one flat buffer, filled block by block (two-pass statistics)."""
+    magnitudes: torch.Tensor | None = None
+    for first, block in _block_magnitudes(source, model):
+        if magnitudes is None:
+            magnitudes = torch.empty(source.numel, dtype=block.dtype, device=block.device)
+        magnitudes[first : first + block.numel()] = block
+    assert magnitudes is not None
+    return magnitudes
 
 
 # DARE's masks are drawn a chunk at a time into one reused buffer: torch's CPU generator gives the same stream
@@ -361,9 +373,16 @@ BRACKET_MIN_NUMEL = 2**20  # smaller task vectors: one selection over all their 
 
 def magnitude_cut_of(delta: torch.Tensor, density: float) -> MagnitudeCut:
     """The TIES trim (no rescale) of an in-memory CPU task vector, as a cut that `apply_cut` applies to any chunk."""
+    return top_count_cut(delta, magnitude_keep_count(density, delta.numel()))
+
+
+def top_count_cut(delta: torch.Tensor, k: int) -> MagnitudeCut:
+    """The cut that keeps the k largest |δ| of an in-memory CPU task vector (ties: lowest flat index first).
+
+    `delta` may hold magnitudes already (|δ| = δ then): it is only read, so one gathered buffer serves several cuts.
+    """
     flat = delta.reshape(-1)
     numel = flat.numel()
-    k = magnitude_keep_count(density, numel)
     if k >= numel:
         return MagnitudeCut(threshold=0.0, last_tie=numel, keep_all=True)
     if k <= 0:
