@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_two_pass import Blocks
 
 from moemerge.methods import get_method, sparsify
-from moemerge.methods.registry import BlockSource
 from moemerge.methods.task_vectors import add_task_vectors
 
 
@@ -44,19 +44,6 @@ def reference_dare(tensors, base, models, rescale, sign_consensus, normalize, se
         weighted.append(delta * model["weight"])
     weights = [model["weight"] for model in models]
     return add_task_vectors(base, weighted, weights, sign_consensus=sign_consensus, normalize=normalize, scale=0.7)
-
-
-class Blocks(BlockSource):
-    def __init__(self, base: torch.Tensor, tensors: list[torch.Tensor], rows_per_block: int):
-        self.base, self.tensors, self.rows_per_block = base, tensors, rows_per_block
-        self.numel = base.numel()
-
-    def blocks(self, models=None):
-        chosen = [self.tensors[i] for i in models] if models is not None else self.tensors
-        row_numel = self.numel // self.base.shape[0]
-        for start in range(0, self.base.shape[0], self.rows_per_block):
-            stop = start + self.rows_per_block
-            yield start * row_numel, self.base[start:stop].clone(), [t[start:stop].clone() for t in chosen]
 
 
 def inputs(shape=(53, 37), count=3, seed=3):
