@@ -30,8 +30,8 @@ from moemerge.methods.sparsify import (
 )
 from moemerge.methods.task_vectors import (
     TaskVectorParams,
+    add_cut_task_vectors,
     add_task_vectors,
-    add_task_vectors_in_chunks,
     merge_sparsified,
     task_vector,
 )
@@ -105,11 +105,7 @@ def merge(
         ]
         return add_task_vectors(base, trimmed, weights, **combine)
     bands = [band_of(delta, params.density, params.gamma) for delta, params in zip(deltas, model_params, strict=True)]
-
-    def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
-        return apply_band(chunk, bands[index], first_entry).mul_(weights[index])
-
-    return add_task_vectors_in_chunks(base, deltas, weights, prepare, **combine)
+    return add_cut_task_vectors(base, deltas, weights, bands, apply_band, **combine)
 
 
 def statistics(

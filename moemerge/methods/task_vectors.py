@@ -144,3 +144,25 @@ def add_task_vectors_in_chunks(
             flat_base[start:stop], weighted, weights, sign_consensus=sign_consensus, normalize=normalize, scale=scale
         )  # in place: into the chunk of deltas[0]
     return deltas[0]
+
+
+def add_cut_task_vectors(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    cuts: Sequence[object],
+    apply: Callable[[torch.Tensor, object, int], torch.Tensor],
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """`add_task_vectors_in_chunks` for per-entry cuts (TIES, breadcrumbs): `apply(chunk, cuts[i], first_entry)`
+    sparsifies a flat chunk of δ_i in place, then the chunk is weighted."""
+
+    def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
+        return apply(chunk, cuts[index], first_entry).mul_(weights[index])
+
+    return add_task_vectors_in_chunks(
+        base, deltas, weights, prepare, sign_consensus=sign_consensus, normalize=normalize, scale=scale
+    )

@@ -12,8 +12,8 @@ from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass,
 from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, magnitude_cut_of, prune_magnitude
 from moemerge.methods.task_vectors import (
     TaskVectorParams,
+    add_cut_task_vectors,
     add_task_vectors,
-    add_task_vectors_in_chunks,
     merge_sparsified,
     task_vector,
 )
@@ -52,11 +52,7 @@ def merge(
         ]
         return add_task_vectors(base, trimmed, weights, **combine)
     cuts = [magnitude_cut_of(delta, params.density) for delta, params in zip(deltas, model_params, strict=True)]
-
-    def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
-        return apply_cut(chunk, cuts[index], first_entry).mul_(weights[index])
-
-    return add_task_vectors_in_chunks(base, deltas, weights, prepare, **combine)
+    return add_cut_task_vectors(base, deltas, weights, cuts, apply_cut, **combine)
 
 
 def statistics(
