@@ -301,3 +301,28 @@ def test_example_recipes_run_on_toy_models(moe_models, run_moe, tmp_path, name):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     tokens = model.generate(INPUT_IDS, max_new_tokens=3, do_sample=False)
     assert tokens.shape[1] == INPUT_IDS.shape[1] + 3
+
+
+def test_plan_is_made_once_and_not_shipped(moe_models, moe_recipe_file, run_moe, tmp_path, monkeypatch):
+    """The local run writes from the plan it checked (its warnings shown once); a pickled builder plans again."""
+    import pickle
+
+    from moemerge.moe import assemble as assembly
+
+    calls = []
+    real_prepare = assembly.prepare
+
+    def counting_prepare(*args, **kwargs):
+        calls.append(1)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(assembly, "prepare", counting_prepare)
+    assemble(run_moe, moe_recipe_file, mistral_recipe(moe_models, gate_mode="random"), tmp_path / "out")
+    assert len(calls) == 1
+
+    recipe = assembly.MoeRecipe.model_validate(mistral_recipe(moe_models, gate_mode="random"))
+    _, planned, _ = real_prepare(recipe, assembly.ModelPool())
+    builder = assembly.MoeOutputs(recipe, assembly.Gates(torch.zeros(0), None), torch.float32, planned=planned)
+    shipped = pickle.loads(pickle.dumps(builder))
+    assert builder.planned is planned and shipped.planned is None
+    assert [o.spec.name for o in shipped(assembly.ModelPool())] == [t.name for t in planned]

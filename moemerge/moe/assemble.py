@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -200,9 +200,16 @@ class MoeOutputs:
     gates: Gates
     dtype: torch.dtype
     random_seed: int = 0  # experts' noise_scale draws
+    # the plan this process already made (its warnings already shown); not shipped: a Ray task plans again
+    planned: list[PlannedTensor] | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "planned": None}
 
     def __call__(self, pool: ModelPool) -> list[OutputTensor]:
-        _, planned, _ = prepare(self.recipe, pool)  # configs and headers only: cheap, and the same in every process
+        planned = self.planned
+        if planned is None:
+            _, planned, _ = prepare(self.recipe, pool)  # configs and headers only: the same in every process
         return output_tensors(planned, self.gates, self.dtype, self.random_seed)
 
 
@@ -239,7 +246,7 @@ def assemble_moe(
     with stage("write"), staged_output(out, options.overwrite) as folder:
         write_outputs(
             folder,
-            MoeOutputs(recipe, gates, dtype, options.random_seed),
+            MoeOutputs(recipe, gates, dtype, options.random_seed, planned=planned),
             pool,
             max_shard_bytes=options.max_shard_bytes,
             executor=options.executor,
