@@ -1,18 +1,20 @@
 """Where a merge's CPU time goes, per recipe of `scripts/bench.py` (issue 15's "how it gets there" table).
 
-    python scripts/profile_breakdown.py --math-dtype bfloat16 --only linear ties dare_ties model_stock moe slerp
+    python scripts/profile_breakdown.py --math-dtype bfloat16            # every recipe; --only NAME... for some
 
 Runs each recipe once with a warm page cache under `perf record` (sampling every thread, user and kernel) and
 sorts the samples into what they are spent on: page faults that zero fresh memory, copies from the page cache
 (preadv) and into it (pwrite), dtype conversions, selection (top-k thresholds), random draws, matrix products,
 the remaining tensor arithmetic, and the Python interpreter with its garbage collector. Prints a markdown table
-of percentages of the run's CPU time, with that CPU time and the minor page faults (from GNU time). Needs `perf`
+of percentages of the run's CPU time, one row per recipe, with that CPU time and the minor page faults (from GNU
+time); rows are kept in `.bench/profile.json`, so recipes can be profiled in several runs. Needs `perf`
 with access to kernel samples (perf_event_paranoid ≤ 1, or root) and the benchmark set from `bench.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -37,7 +39,10 @@ CATEGORIES = [
         r"|writeback|block_write|__filemap_add_folio|bio",
     ),
     ("dtype conversions", r"copy_kernel|reduced_float_copy|convert"),
-    ("selection (top-k thresholds)", r"partition_unrolled|QSelect|introsort|kthvalue|qsort|argsort|nonzero"),
+    (
+        "selection and sorting",
+        r"partition_unrolled|QSelect|introsort|kthvalue|qsort|argsort|sort_|radix|nonzero",
+    ),
     ("random draws", r"GeneratorImpl|mt19937|uniform|bernoulli|normal_kernel|cpu_serial_kernel"),
     ("matrix products", r"gemm|mkl_blas|dot_|blas"),
     (
@@ -86,28 +91,54 @@ def profile(name: str, kind: str, text: str, extra: list[str]) -> dict:
     return {"cpu_s": float(user) + float(system), "minor_faults": int(faults), "shares": categorize(report)}
 
 
+SHORT = {  # column titles of the table, one row per recipe
+    "page faults (zeroing fresh memory)": "page faults",
+    "read: copy from the page cache": "read",
+    "write: copy into the page cache, writeback": "write",
+    "dtype conversions": "dtype casts",
+    "selection and sorting": "selection, sorting",
+    "random draws": "random draws",
+    "matrix products": "matmul",
+    "Python interpreter and GC": "Python",
+    "tensor arithmetic (add, mul, compare, sums)": "tensor arithmetic",
+    "torch dispatch and other library code": "torch dispatch",
+    "other kernel work (syscalls, scheduling)": "other kernel",
+    "other user code (libc, malloc)": "other user",
+}
+
+
+def table(rows: dict[str, dict]) -> str:
+    """One row per recipe: CPU s, minor faults, then each category's share of the CPU time."""
+    lines = [
+        "| recipe | CPU s | minor faults | " + " | ".join(SHORT.values()) + " |",
+        "|---|---:|---:|" + "---:|" * len(SHORT),
+    ]
+    for name, row in rows.items():
+        shares = " | ".join(f"{row['shares'].get(column, 0.0):.0f}%" for column in SHORT)
+        lines.append(f"| {name} | {row['cpu_s']:.1f} | {row['minor_faults'] // 1000}k | {shares} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--only", nargs="*", default=["linear", "ties", "dare_ties", "model_stock", "moe", "slerp"])
+    parser.add_argument("--only", nargs="*", help="recipes to profile (default: every recipe of bench.py)")
     parser.add_argument("--math-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--extra", default="", help="extra moemerge options")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=BENCH / "profile.json",
+        help="rows are kept here by recipe and math dtype; the table printed holds every kept row of that dtype",
+    )
     arguments = parser.parse_args()
     every = recipes(BENCH / f"models-{arguments.layers}L", arguments.math_dtype)
-    rows = {name: profile(name, *every[name], arguments.extra.split()) for name in arguments.only}
-    columns = [name for name, _ in CATEGORIES] + [
-        "other kernel work (syscalls, scheduling)",
-        "other user code (libc, malloc)",
-    ]
-    print("| share of CPU time | " + " | ".join(rows) + " |")
-    print("|---|" + "---:|" * len(rows))
-    print(
-        "| CPU s (minor faults) | "
-        + " | ".join(f"{r['cpu_s']:.1f} ({r['minor_faults'] // 1000}k)" for r in rows.values())
-        + " |"
-    )
-    for column in columns:
-        print(f"| {column} | " + " | ".join(f"{r['shares'].get(column, 0.0):.0f}%" for r in rows.values()) + " |")
+    kept = json.loads(arguments.results.read_text()) if arguments.results.exists() else {}
+    for name in arguments.only or list(every):
+        kept[f"{name}:{arguments.math_dtype}"] = profile(name, *every[name], arguments.extra.split())
+        arguments.results.write_text(json.dumps(kept, indent=1))
+    rows = {name: kept[f"{name}:{arguments.math_dtype}"] for name in every if f"{name}:{arguments.math_dtype}" in kept}
+    print(table(rows))
 
 
 if __name__ == "__main__":
