@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import partial
 
 import torch
 from pydantic import Field
 
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
-from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, drop_random_factor, random_cut
-from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors_in_chunks, task_vector
+from moemerge.methods.sparsify import RandomCut, apply_random_cut, drop_random, drop_random_factor, random_cuts
+from moemerge.methods.task_vectors import TaskVectorParams, add_task_vectors_in_chunks, task_vector, weigh
 
 
 class DareModelParams(Params):
@@ -74,7 +73,20 @@ def _rescaled_and_weighted(
     """w_i · (factor_i · δ̃_i) for a chunk of a dropped task vector, in place (as drop_random, then the weight)."""
     if factors[index] is not None:
         chunk.mul_(factors[index])
-    return chunk.mul_(weights[index]) if weights is not None else chunk
+    return weigh(chunk, weights[index]) if weights is not None else chunk
+
+
+def _dropped_rescaled_and_weighted(
+    cuts: Sequence[RandomCut],
+    weights: Sequence[float],
+    block_first_entry: int,
+    index: int,
+    chunk: torch.Tensor,
+    start: int,
+) -> torch.Tensor:
+    """w_i · factor_i · (mask_i δ_i) for a chunk of a row block's task vector, in place: the drop, the rescale and
+    the weight in the order `apply_random_cut` and `_rescaled_and_weighted` apply them, while the chunk is in cache."""
+    return weigh(apply_random_cut(chunk, cuts[index], block_first_entry + start), weights[index])
 
 
 def statistics(
@@ -86,10 +98,7 @@ def statistics(
     """Each task vector's mask (drawn in model order, as `merge` draws them) and rescale factor."""
     if generator is None:
         raise ValueError("DARE needs a seeded generator: the caller must pass one for random methods")
-    return [
-        random_cut(source, index, params.density, method_params.rescale, generator)
-        for index, params in enumerate(model_params)
-    ]
+    return random_cuts(source, [params.density for params in model_params], method_params.rescale, generator)
 
 
 def merge_block(
@@ -104,16 +113,12 @@ def merge_block(
 ) -> torch.Tensor:
     """One row block merged as `merge` merges the whole tensor: the same masks, rescaling and sum, by chunks."""
     weights = [params.weight for params in model_params]
-    deltas = [  # the masks here, the rescale factors with the weights in the chunked sum (one pass fewer)
-        apply_random_cut(task_vector(tensor, base), replace(cut, factor=1.0), first_entry)
-        for tensor, cut in zip(tensors, cuts, strict=True)
-    ]
-    factors = [cut.factor if cut.factor != 1.0 else None for cut in cuts]
-    return add_task_vectors_in_chunks(
+    deltas = [task_vector(tensor, base) for tensor in tensors]
+    return add_task_vectors_in_chunks(  # the masks, rescale factors and weights applied chunk by chunk in the sum
         base,
         deltas,
         weights,
-        partial(_rescaled_and_weighted, factors, weights),
+        partial(_dropped_rescaled_and_weighted, cuts, weights, first_entry),
         sign_consensus=sign_consensus,
         normalize=method_params.normalize,
         scale=method_params.lambda_,

@@ -11,7 +11,7 @@ dropped negative entries become -0.0, as they do in mergekit.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,6 +332,44 @@ def random_cut(source: BlockSource, model: int, density: float, rescale: bool, g
     for start, keep in chunks:  # blocks that did not cover the tensor still leave the generator where it was
         _pack_into(packed, start, keep)
     return RandomCut(keep=None, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0, packed_keep=packed)
+
+
+def random_cuts(
+    source: BlockSource, densities: Sequence[float], rescale: bool, generator: torch.Generator
+) -> list[RandomCut]:
+    """`random_cut` of every input, with the same masks and factors: the masks need no data, so they are drawn first,
+    in model order (the same stream), and the rescale's L1 sums of every input then take one pass over the blocks
+    (the same sums per block, in the same order) instead of one pass, re-reading the base, per input."""
+    step = -(-DRAW_CHUNK // 8) * 8  # chunks start on whole bytes of the packed mask
+    masks: list[np.ndarray | None] = []
+    for density in densities:
+        if density >= 1.0:
+            masks.append(None)
+            continue
+        packed = np.empty((source.numel + 7) // 8, dtype=np.uint8)
+        for start, keep in _keep_chunks(source.numel, density, generator, step):
+            _pack_into(packed, start, keep)
+        masks.append(packed)
+    dropped = [index for index, packed in enumerate(masks) if packed is not None]
+    l1_before, l1_kept = [0.0] * len(masks), [0.0] * len(masks)
+    if rescale and dropped:
+        for first, base, tensors in source.blocks(dropped):
+            for index, tensor in zip(dropped, tensors, strict=True):
+                delta = tensor.sub_(base).reshape(-1)  # ‖δ‖₁ = ‖|δ|‖₁: no magnitudes needed
+                l1_before[index] += l1_norm(delta)
+                l1_kept[index] += l1_norm(
+                    apply_random_cut(delta, RandomCut(keep=None, packed_keep=masks[index]), first)
+                )
+    return [
+        RandomCut(keep=None)
+        if packed is None
+        else RandomCut(
+            keep=None,
+            factor=l1_before[index] / l1_kept[index] if rescale and l1_kept[index] > 0.0 else 1.0,
+            packed_keep=packed,
+        )
+        for index, packed in enumerate(masks)
+    ]
 
 
 def _pack_into(packed: np.ndarray, start: int, keep: torch.Tensor) -> None:

@@ -32,6 +32,11 @@ def task_vector(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return tensor.sub_(base)
 
 
+def weigh(delta: torch.Tensor, weight: float) -> torch.Tensor:
+    """w · δ in place; a weight of 1.0 skips the pass (x · 1.0 is x, bit for bit)."""
+    return delta if weight == 1.0 else delta.mul_(weight)
+
+
 def elected_positive(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES sign election: 1.0 where Σ_i w_i δ̃_i ≥ 0 (a zero total counts as +), else +0.0, in the deltas' dtype.
 
@@ -68,7 +73,7 @@ def add_task_vectors(
         if normalize:
             divisor = sum(weights)
             mixed /= divisor if abs(divisor) >= NEGLIGIBLE_WEIGHT_SUM else 1.0
-        return mixed.mul_(scale).add_(base)
+        return weigh(mixed, scale).add_(base)
 
     positive = elected_positive(weighted_deltas)
     # m_i: w_i δ̃_i has the elected sign (strictly: zeros never agree). Entries that disagree are zeroed in place.
@@ -90,7 +95,7 @@ def add_task_vectors(
     if divisor is not None:
         divisor += torch.eq(divisor, 0, out=torch.empty_like(divisor))  # a zero divisor counts as 1
         mixed /= divisor
-    return mixed.mul_(scale).add_(base)
+    return weigh(mixed, scale).add_(base)
 
 
 def merge_sparsified(
@@ -107,7 +112,7 @@ def merge_sparsified(
     `model_params` carry each input's `weight`; `method_params` its `normalize` and `lambda`.
     """
     weighted_deltas = [
-        sparsify(index, task_vector(tensor, base)).mul_(params.weight)
+        weigh(sparsify(index, task_vector(tensor, base)), params.weight)
         for index, (tensor, params) in enumerate(zip(tensors, model_params, strict=True))
     ]
     return add_task_vectors(
@@ -161,7 +166,7 @@ def add_cut_task_vectors(
     sparsifies a flat chunk of δ_i in place, then the chunk is weighted."""
 
     def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
-        return apply(chunk, cuts[index], first_entry).mul_(weights[index])
+        return weigh(apply(chunk, cuts[index], first_entry), weights[index])
 
     return add_task_vectors_in_chunks(
         base, deltas, weights, prepare, sign_consensus=sign_consensus, normalize=normalize, scale=scale
