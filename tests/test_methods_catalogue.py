@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
+from moemerge.config.merge_recipe import parse_merge_recipe
+from moemerge.config.method_names import MERGE_METHODS
 from moemerge.errors import ConfigError
 from moemerge.methods import METHODS, get_method
 
@@ -20,8 +25,26 @@ TASK_VECTOR = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrum
 def test_catalogue_registers_every_method() -> None:
     get_method("linear")
     assert sorted(METHODS) == sorted(ALL)
-    with pytest.raises(ConfigError, match="merge_method: unknown method 'tiez'"):
+    with pytest.raises(ConfigError, match="merge_method: unknown method 'tiez' \\(did you mean 'ties'\\?\\)"):
         get_method("tiez")
+
+
+def test_recipes_know_the_method_names_without_torch() -> None:
+    """The torch-free list a recipe is checked against is the registry's, and a typo fails while parsing."""
+    get_method("linear")
+    assert list(MERGE_METHODS) == sorted(METHODS)
+    with pytest.raises(ConfigError, match=r"r\.yml: merge_method: unknown method 'lineer' \(did you mean 'linear'\?\)"):
+        parse_merge_recipe({"merge_method": "lineer", "models": [{"model": "a"}]}, "r.yml")
+    code = (
+        "import sys\nfrom moemerge.config.merge_recipe import parse_merge_recipe\n"
+        "try:\n    parse_merge_recipe({'merge_method': 'tiez', 'models': [{'model': 'a'}]}, 'r.yml')\n"
+        "except Exception as error:\n    print(error)\nprint('torch' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert shown.splitlines() == [
+        f"r.yml: merge_method: unknown method 'tiez' (did you mean 'ties'?); known: {', '.join(MERGE_METHODS)}",
+        "False",
+    ]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.config.keys import did_you_mean, schema_keys
+from moemerge.config.method_names import MERGE_METHODS
 from moemerge.config.recipe_file import read_recipe_documents
 from moemerge.errors import ConfigError
 from moemerge.vocab.config import VocabularyKeys
@@ -177,6 +178,14 @@ class MergeRecipe(VocabularyKeys, Strict):
     @classmethod
     def _reference(cls, value: Any) -> Any:
         return _model_string(value)
+
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            hint = did_you_mean(value, MERGE_METHODS)
+            raise ValueError(f"unknown method {value!r}{hint}; known: {', '.join(MERGE_METHODS)}")
+        return value
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from moemerge.config.keys import did_you_mean
 from moemerge.errors import ConfigError
 
 
@@ -136,5 +137,6 @@ def get_method(name: str) -> MergeMethod:
     from moemerge.methods import catalogue  # noqa: F401  (imports every method module, which registers itself)
 
     if name not in METHODS:
-        raise ConfigError(f"merge_method: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+        hint = did_you_mean(name, METHODS)
+        raise ConfigError(f"merge_method: unknown method {name!r}{hint}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
