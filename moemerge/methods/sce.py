@@ -17,6 +17,7 @@ steps.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,19 @@ def float64_scratch(count: int, reuse: torch.Tensor | None = None) -> torch.Tens
     return torch.empty(count, dtype=torch.float64)
 
 
+_SCRATCH = threading.local()  # per worker thread: one float64 buffer that the tensors it merges reuse
+
+
+def thread_scratch(count: int) -> torch.Tensor:
+    """`count` float64 entries of this thread's reused buffer, grown when too small: a fresh buffer per tensor costs
+    the kernel a page fault and a page of zeros per 4 KiB, more CPU than the sums it holds."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < count:
+        _SCRATCH.buffer = buffer = None  # the old one freed before the new one is allocated
+        _SCRATCH.buffer = buffer = torch.empty(count, dtype=torch.float64)
+    return buffer[:count]
+
+
 def sum_of_squares(flat: torch.Tensor, scratch: torch.Tensor) -> float:
     """Σ δ² of a flat task vector: the bits of `torch.sum(δ * δ, dtype=torch.float64)`, without its two full-size
     temporaries (δ² and its float64 copy): δ² is rounded in δ's dtype a chunk at a time into the float64 `scratch`
@@ -153,7 +167,7 @@ def _merge_in_chunks(deltas: list[torch.Tensor], base: torch.Tensor, select_topk
     """`merge`'s steps a chunk at a time (CPU, finite task vectors); the result is built in deltas[0]'s memory."""
     flats = [delta.reshape(-1) for delta in deltas]
     numel = flats[0].numel()
-    scratch = torch.empty(numel, dtype=torch.float64)  # the variances (in its first half), then each Σ δ²'s squares
+    scratch = thread_scratch(numel)  # the variances (in its first half), then each Σ δ²'s squares
     if select_topk < 1.0:
         variance = scratch.view(torch.uint8)[: numel * flats[0].element_size()].view(flats[0].dtype)
         entry_variance(flats, variance)
@@ -267,6 +281,7 @@ def statistics(
         _select_block(deltas, selected, first)
         if scratch is None or scratch.numel() < deltas[0].numel():
             scratch = float64_scratch(deltas[0].numel(), variance)
+            variance = None  # kept only as the scratch's memory, when it is
         sums = [sum_of_squares(delta, scratch) for delta in deltas]
         energies = [a + b for a, b in zip(energies, sums, strict=True)] if energies else sums
     return SceStatistics(selected, weights_of(energies, source.numel))
