@@ -143,3 +143,13 @@ def test_thread_scratch_is_reused_and_grown_per_thread() -> None:
     worker.start()
     worker.join()
     assert other[0] != grown.data_ptr()  # each worker thread has its own
+
+
+def test_giant_scratch_is_not_kept_and_two_pass_statistics_release_it(monkeypatch) -> None:
+    monkeypatch.setattr(sce, "RETAINED_SCRATCH", 100)
+    kept = sce.thread_scratch(100)
+    assert sce.thread_scratch(101).data_ptr() != kept.data_ptr()
+    assert sce.thread_scratch(50).data_ptr() == kept.data_ptr()  # the giant did not replace the kept buffer
+    base = torch.zeros(4, 3)
+    sce.statistics(Blocks(base, [base + 1, base - 1], 2), [sce.NoParams()] * 2, sce.SceParams())
+    assert sce._SCRATCH.buffer is None

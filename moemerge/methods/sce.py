@@ -97,11 +97,14 @@ def float64_scratch(count: int, reuse: torch.Tensor | None = None) -> torch.Tens
 
 
 _SCRATCH = threading.local()  # per worker thread: one float64 buffer that the tensors it merges reuse
+RETAINED_SCRATCH = 2**24  # float64 entries (128 MiB) a worker thread may keep between tensors
 
 
 def thread_scratch(count: int) -> torch.Tensor:
     """`count` float64 entries of this thread's reused buffer, grown when too small: a fresh buffer per tensor costs
     the kernel a page fault and a page of zeros per 4 KiB, more CPU than the sums it holds."""
+    if count > RETAINED_SCRATCH:
+        return torch.empty(count, dtype=torch.float64)  # a rare giant (a vocabulary-aligned embedding): not kept
     buffer = getattr(_SCRATCH, "buffer", None)
     if buffer is None or buffer.numel() < count:
         _SCRATCH.buffer = buffer = None  # the old one freed before the new one is allocated
@@ -259,6 +262,7 @@ def statistics(
 
     The sums' float64 squares go into the variances' buffer once the cut is taken (a fresh block-sized buffer
     when there is none, or it is too small)."""
+    _SCRATCH.buffer = None  # this thread's whole-tensor scratch: the variances take its place for a while
     selected = None
     variance: torch.Tensor | None = None
     if method_params.select_topk < 1.0:
