@@ -153,3 +153,17 @@ def test_giant_scratch_is_not_kept_and_two_pass_statistics_release_it(monkeypatc
     base = torch.zeros(4, 3)
     sce.statistics(Blocks(base, [base + 1, base - 1], 2), [sce.NoParams()] * 2, sce.SceParams())
     assert sce._SCRATCH.buffer is None
+
+
+def test_transposed_and_empty_inputs_merge_as_their_contiguous_copies() -> None:
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(30, 20, generator=generator)
+    tensors = [base + torch.randn(30, 20, generator=generator) * 0.1 for _ in range(3)]
+    params = sce.SceParams(select_topk=0.4)
+    transposed = sce.merge([t.clone().t() for t in tensors], base.t(), [sce.NoParams()] * 3, params)
+    contiguous = sce.merge([t.t().contiguous() for t in tensors], base.t().contiguous(), [sce.NoParams()] * 3, params)
+    assert torch.equal(transposed, contiguous)
+    variance = torch.empty(30, 20).t()  # a non-contiguous out, shaped as the transposed inputs
+    assert torch.equal(sce.entry_variance([t.t() for t in tensors], variance), torch.stack(tensors).var(0, False).t())
+    empty = torch.empty(0, 4)
+    assert sce.merge([empty.clone(), empty.clone()], empty, [sce.NoParams()] * 2, params).shape == (0, 4)

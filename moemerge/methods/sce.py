@@ -48,9 +48,10 @@ def entry_variance(deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.T
     so chunks and whole tensors agree. They run VARIANCE_CHUNK entries at a time in five reused float64 buffers.
     """
     accumulate = torch.promote_types(out.dtype, torch.float64)
-    flats, flat_out = [delta.reshape(-1) for delta in deltas], out.view(-1)
+    flats = [delta.reshape(-1) for delta in deltas]
+    flat_out = out.view(-1) if out.is_contiguous() else torch.empty(out.numel(), dtype=out.dtype, device=out.device)
     numel = flat_out.numel()
-    size = min(VARIANCE_CHUNK, numel)
+    size = max(1, min(VARIANCE_CHUNK, numel))
     buffers = [torch.empty(size, dtype=accumulate, device=out.device) for _ in range(5)]
     for start in range(0, numel, size):
         stop = min(start + size, numel)
@@ -63,6 +64,8 @@ def entry_variance(deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.T
             mean.add_(torch.div(step, count, out=share))
             squares.add_(step.mul_(wide.sub_(mean)))
         flat_out[start:stop].copy_(squares.div_(len(flats)))
+    if flat_out.data_ptr() != out.data_ptr():
+        out.copy_(flat_out.view(out.shape))
     return out
 
 
@@ -137,7 +140,8 @@ def merge(
     """base + Σ_i s_i m_i δ̃_i / max(Σ_i s_i m_i, 1e-6), δ̃_i the selected entries, m_i sign agreement."""
     assert base is not None
     dtype = torch.promote_types(base.dtype, torch.float32)
-    deltas = [tensor.to(dtype).sub_(base) for tensor in tensors]  # in the inputs' memory (the method owns them)
+    # in the inputs' memory (the method owns them); contiguous, so that flat chunks are views of them
+    deltas = [tensor.to(dtype).sub_(base).contiguous() for tensor in tensors]
     if base.device.type == "cpu" and not any(nonfinite_count(delta) for delta in deltas):
         return _merge_in_chunks(deltas, base, method_params.select_topk)
     return _merge_whole(deltas, base, method_params.select_topk)
@@ -200,7 +204,7 @@ def _elect_and_sum(
     m = b + p·(a − b), exactly 1.0 or +0.0 as the bool agreement converted (see `task_vectors.elected_positive`).
     """
     numel = flat_base.numel()
-    size = min(MERGE_CHUNK, numel)
+    size = max(1, min(MERGE_CHUNK, numel))
     buffers = [torch.empty(size, dtype=flats[0].dtype, device=flat_base.device) for _ in range(5)]
     for start in range(0, numel, size):
         stop = min(start + size, numel)
