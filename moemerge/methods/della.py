@@ -20,11 +20,14 @@ import torch
 from pydantic import Field, model_validator
 
 from moemerge.methods.dare import merge_block  # the same masked, rescaled block merge as DARE's
+from moemerge.methods.ranks import ascending_columns
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import RandomCut, l1_norm, rescale_l1
 from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
-RANK_ROWS = 4096  # rows ranked at once: bounds the int64 sort buffers to a few blocks' worth
+# entries ranked at once (measured best of 2^15 … 2^20): a chunk's keys, orders and gathered draws stay in cache instead
+# of full-size int64 and float64 buffers; chunks hold whole rows (one row may be larger)
+RANK_ENTRIES = 2**16
 
 
 class DellaModelParams(Params):
@@ -54,21 +57,40 @@ class DellaLinearParams(TaskVectorParams):
 def magprune_keep(magnitudes: torch.Tensor, draws: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """True where MAGPRUNE keeps an entry: draw < (density − ε) + 2ε · rank/(n − 1), ranks along dim 1.
 
-    `magnitudes` (|δ|, at least 2-d, on the CPU) and `draws` (uniform, same shape) are whole rows; rows are
-    ranked RANK_ROWS at a time with a stable sort, so ties rank by index.
+    `magnitudes` (|δ|, at least 2-d, on the CPU) and `draws` (uniform, same shape) are whole rows. Ranks follow a
+    stable sort (ties by index). In sorted order position j has rank j, so each row's draws are gathered into
+    sorted order, compared with one vector of probabilities per width, and the verdicts scattered back.
     """
-    keep = torch.empty(magnitudes.shape, dtype=torch.bool)
-    width = magnitudes.shape[1]
-    for start in range(0, magnitudes.shape[0], RANK_ROWS):
-        rows = magnitudes[start : start + RANK_ROWS]
-        order = torch.argsort(rows, dim=1, stable=True)
-        positions = torch.arange(width).reshape(1, width, *[1] * (rows.dim() - 2)).expand_as(order)
-        ranks = torch.empty_like(order).scatter_(1, order, positions.contiguous())
-        del order
-        spread = ranks.to(torch.float64).div_(width - 1) if width > 1 else torch.zeros(ranks.shape, dtype=torch.float64)
-        probability = spread.mul_(2 * epsilon).add_(density - epsilon)
-        keep[start : start + RANK_ROWS] = draws[start : start + RANK_ROWS] < probability
-    return keep
+    if magnitudes.numel() == 0:
+        return torch.empty(magnitudes.shape, dtype=torch.bool)
+    ranked, ranked_draws = _ranked_last(magnitudes), _ranked_last(draws)
+    width = ranked.shape[1]
+    probability = keep_probabilities(width, density, epsilon)
+    keep = torch.empty(ranked.shape, dtype=torch.bool)
+    step = max(1, RANK_ENTRIES // width)
+    for start in range(0, ranked.shape[0], step):
+        columns = ascending_columns(ranked[start : start + step])
+        kept_in_order = torch.lt(ranked_draws[start : start + step].gather(1, columns), probability)
+        keep[start : start + step].scatter_(1, columns, kept_in_order)
+    if magnitudes.dim() == 2:
+        return keep
+    moved = magnitudes.movedim(1, -1).shape
+    return keep.reshape(moved).movedim(-1, 1).contiguous()
+
+
+def keep_probabilities(width: int, density: float, epsilon: float) -> torch.Tensor:
+    """p(r) = (density − ε) + 2ε · r/(n − 1) for r = 0 … n − 1 (float64; a lone entry has r/(n − 1) = 0)."""
+    spread = (
+        torch.arange(width).to(torch.float64).div_(width - 1) if width > 1 else torch.zeros(width, dtype=torch.float64)
+    )
+    return spread.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def _ranked_last(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as rows along its dim 1: [rows, n] (a 3-d [a, n, b] becomes [a · b, n], a copy)."""
+    if tensor.dim() == 2:
+        return tensor
+    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1])
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -77,23 +99,44 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _draws(numel: int, generator: torch.Generator) -> torch.Tensor:
-    """One uniform draw per entry of the whole tensor, in flat order, from the tensor's CPU generator."""
+    """The generator's next `numel` uniform draws (flat order): torch's CPU stream is the same however it is split,
+    so drawing a chunk of rows at a time gives the whole tensor's draws without a full-size float32 buffer."""
     return torch.rand(numel, generator=generator, device=generator.device)
+
+
+def _row_chunks(rows: torch.Tensor) -> range:
+    """Starts of chunks of about RANK_ENTRIES entries (whole slices along dim 0), RANK_ENTRIES // slice apart."""
+    return range(0, rows.shape[0], max(1, RANK_ENTRIES * rows.shape[0] // max(1, rows.numel())))
+
+
+def magprune_drawn(
+    magnitudes: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
+) -> torch.Tensor:
+    """`magprune_keep` with the generator's next numel draws, drawn a chunk of rows at a time (CPU magnitudes)."""
+    keep = torch.empty(magnitudes.shape, dtype=torch.bool)
+    chunks = _row_chunks(magnitudes)
+    for start in chunks:
+        rows = magnitudes[start : start + chunks.step]
+        draws = _draws(rows.numel(), generator).reshape(rows.shape)
+        keep[start : start + chunks.step] = magprune_keep(rows, draws, density, epsilon)
+    return keep
 
 
 def drop_magprune(
     delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """MAGPRUNE, in place on δ; `rescale` restores ‖δ‖₁."""
+    """MAGPRUNE, in place on δ, a chunk of rows at a time; `rescale` restores ‖δ‖₁."""
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    rows = _as_rows(delta)
-    draws = _draws(delta.numel(), generator).reshape(rows.shape)
-    keep = magprune_keep(rows.detach().abs().cpu(), draws, density, epsilon)
     l1_before = l1_norm(delta) if rescale else 0.0
-    delta.mul_(keep.reshape(delta.shape).to(delta.device))
+    rows = _as_rows(delta)
+    chunks = _row_chunks(rows)
+    for start in chunks:
+        chunk = rows[start : start + chunks.step]
+        keep = magprune_drawn(chunk.detach().abs().cpu(), density, epsilon, generator)
+        chunk.mul_(keep.to(chunk.device))
     return rescale_l1(delta, l1_before) if rescale else delta
 
 
@@ -142,11 +185,8 @@ def statistics(
             magnitudes = tensor.sub_(base).abs_()
             count = magnitudes.numel()
             assert first == drawn, "row blocks come in order and cover the tensor"
-            # each block's draws as it comes: the generator's stream is the same however it is split, so these
-            # are the whole tensor's draws without a full-size float32 buffer of them
-            block_draws = _draws(count, generator).reshape(magnitudes.shape)
-            drawn += count
-            block_keep = magprune_keep(magnitudes.cpu(), block_draws, params.density, params.epsilon)
+            drawn += count  # each block's draws as it comes (see `_draws`)
+            block_keep = magprune_drawn(magnitudes.cpu(), params.density, params.epsilon, generator)
             keep[first : first + count] = block_keep.reshape(-1)
             if method_params.rescale:
                 l1_before += l1_norm(magnitudes)
