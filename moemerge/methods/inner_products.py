@@ -33,10 +33,12 @@ def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) ->
     return total
 
 
-def combine(coefficients: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Σ_i c_i x_i as a new tensor in the inputs' dtype (at least float32)."""
+def combine(coefficients: Sequence[float], tensors: Sequence[torch.Tensor], in_place: bool = False) -> torch.Tensor:
+    """Σ_i c_i x_i in the inputs' dtype (at least float32): a new tensor, or with `in_place` built in the first
+    input's memory when it already has that dtype (a method's own input; the same bits either way)."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    merged = torch.mul(tensors[0].to(dtype), coefficients[0])
+    first = tensors[0].to(dtype)
+    merged = first.mul_(coefficients[0]) if in_place else torch.mul(first, coefficients[0])
     for tensor, coefficient in zip(tensors[1:], coefficients[1:], strict=True):
         merged.add_(tensor.to(dtype), alpha=coefficient)
     return merged

@@ -76,7 +76,7 @@ def merge(
     """(Σ ‖x_i‖/n) · argmin_m Σ_i d(m, x_i/‖x_i‖)², by at most `max_iter` gradient steps on the sphere."""
     if len(tensors) == 1:
         return tensors[0]
-    return combine(coefficients(gram(tensors), method_params.max_iter, method_params.tol), tensors)
+    return combine(coefficients(gram(tensors), method_params.max_iter, method_params.tol), tensors, in_place=True)
 
 
 def statistics(
@@ -104,7 +104,7 @@ def merge_block(
     k: list[float],
     first_entry: int,
 ) -> torch.Tensor:
-    return combine(k, tensors)
+    return combine(k, tensors, in_place=True)
 
 
 register(

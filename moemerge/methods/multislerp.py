@@ -65,8 +65,8 @@ def _weights(model_params: Sequence[MultislerpModelParams], method_params: Multi
 def _result(k: Sequence[float], tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
     """Σ k_i v_i [+ base] = Σ k_i x_i + (1 − Σ k_i) base."""
     if base is None:
-        return combine(k, tensors)
-    return combine([*k, 1.0 - sum(k)], [*tensors, base])
+        return combine(k, tensors, in_place=True)
+    return combine([*k, 1.0 - sum(k)], [*tensors, base], in_place=True)
 
 
 def merge(
@@ -80,8 +80,8 @@ def merge(
     if len(tensors) == 1:
         return tensors[0]
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    vectors = [tensor.to(dtype) if base is None else tensor.to(dtype) - base for tensor in tensors]
-    k = coefficients(gram(vectors), _weights(model_params, method_params), method_params.eps)
+    products = gram([tensor.to(dtype) for tensor in tensors], origin=base)  # offsets from the base a chunk at a time
+    k = coefficients(products, _weights(model_params, method_params), method_params.eps)
     return _result(k, tensors, base)
 
 

@@ -28,8 +28,11 @@ def merge(
 ) -> torch.Tensor:
     """w x + (1 − w) base, w = clamp(t / max(|base − x|, 1e-6), 0, 1) per entry."""
     base, other = base_and_other(tensors, base)
-    share = (method_params.t / torch.sub(base, other).abs_().clamp_(min=DISTANCE_FLOOR)).clamp_(0.0, 1.0)
-    return other.mul_(share).add_(base * (1.0 - share))
+    # in one temporary, by the same roundings as t / d (which torch computes as d⁻¹ · t) and 1 − w (as −w + 1)
+    share = torch.sub(base, other).abs_().clamp_(min=DISTANCE_FLOOR).reciprocal_().mul_(method_params.t)
+    share.clamp_(0.0, 1.0)
+    other.mul_(share)
+    return other.add_(share.neg_().add_(1.0).mul_(base))
 
 
 register_against_base("nearswap", merge, NearswapParams, elementwise=True)
