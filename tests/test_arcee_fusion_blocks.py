@@ -38,7 +38,7 @@ def inputs(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Divergences a few rows at a time on tiny tensors, so chunk boundaries fall inside every tensor."""
-    monkeypatch.setattr(arcee_fusion, "DIVERGENCE_CHUNK", 20)
+    monkeypatch.setattr(arcee_fusion, "ROW_CHUNK", 20)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ the other model's value, the rest the base's. Quantiles are order statistics at 
 which makes its output vary from run to run there.
 
 Memory: a row's divergence needs only that row, so it is computed a few rows at a time and kept (one number
-per row); the importances then cost one buffer, from which the three quartiles are selected in place. Large
-tensors take two passes over row blocks: the importances of every block into that buffer, then each block
-fused with the whole tensor's cut and its rows' divergences.
+per row); the importances then cost one buffer, from which the three quartiles are selected in place, and the
+fusion runs a few rows at a time again. Large tensors take two passes over row blocks: the importances of every
+block into that buffer, then each block fused with the whole tensor's cut and its rows' divergences.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -22,7 +22,9 @@ from moemerge.methods.registry import BlockSource, Params, TwoPass, base_and_oth
 
 PROBABILITY_FLOOR = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
-DIVERGENCE_CHUNK = 2**20  # entries whose rows' divergences are computed at once (p, q and p/q stay this small)
+# entries of rows handled at once: the divergence's p, q, p/q and log and the fusion's importances and mask stay
+# cache-sized and are reused by the allocator, instead of full-size temporaries (as `ROUND_CHUNK`)
+ROW_CHUNK = 2**16
 
 
 def _divergence(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -38,14 +40,18 @@ def row_divergence(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """
     if other.dim() < 2 or other.numel() == 0:
         return _divergence(other, base)
-    columns = other.shape[-1]
-    rows_other, rows_base = other.reshape(-1, columns), base.reshape(-1, columns)
-    rows_per_chunk = max(1, DIVERGENCE_CHUNK // columns)
-    divergence = torch.empty(rows_other.shape[0], 1, dtype=other.dtype, device=other.device)
-    for start in range(0, rows_other.shape[0], rows_per_chunk):
-        stop = start + rows_per_chunk
-        divergence[start:stop] = _divergence(rows_other[start:stop], rows_base[start:stop])
-    return divergence.reshape(*other.shape[:-1], 1)
+    divergence = torch.empty(*other.shape[:-1], 1, dtype=other.dtype, device=other.device)
+    for rows_other, rows_base, rows_divergence in _row_chunks(other, base, divergence):
+        rows_divergence.copy_(_divergence(rows_other, rows_base))
+    return divergence
+
+
+def _row_chunks(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Views of the same few rows (last dimension) of each tensor, ROW_CHUNK entries of the first at a time."""
+    rows = [tensor.reshape(-1, tensor.shape[-1]) for tensor in tensors]
+    rows_per_chunk = max(1, ROW_CHUNK // tensors[0].shape[-1])
+    for start in range(0, rows[0].shape[0], rows_per_chunk):
+        yield [tensor[start : start + rows_per_chunk] for tensor in rows]
 
 
 def importance(other: torch.Tensor, base: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
@@ -75,9 +81,14 @@ def outlier_cut(scores: torch.Tensor) -> float:
 
 
 def fuse(other: torch.Tensor, base: torch.Tensor, divergence: torch.Tensor, cut: float) -> torch.Tensor:
-    """base + (x − base) · [importance ≥ cut], in x's memory."""
-    fused = importance(other, base, divergence) >= cut
-    return other.sub_(base).mul_(fused).add_(base)
+    """base + (x − base) · [importance ≥ cut], in x's memory, a chunk of rows at a time."""
+    if other.dim() < 2 or other.numel() == 0 or not other.is_contiguous():
+        fused = importance(other, base, divergence) >= cut
+        return other.sub_(base).mul_(fused).add_(base)
+    for rows_other, rows_base, rows_divergence in _row_chunks(other, base, divergence):
+        fused = importance(rows_other, rows_base, rows_divergence) >= cut
+        rows_other.sub_(rows_base).mul_(fused).add_(rows_base)
+    return other
 
 
 def merge(
