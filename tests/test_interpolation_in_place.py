@@ -6,7 +6,7 @@ import pytest
 import torch
 from methods_support import run_merge
 
-from moemerge.methods import multislerp, nuslerp
+from moemerge.methods import inner_products, multislerp, nuslerp
 from moemerge.methods.inner_products import combine, gram
 from moemerge.methods.karcher import coefficients as karcher_coefficients
 
@@ -73,3 +73,27 @@ def test_combine_in_place_reuses_only_an_input_of_the_compute_dtype(dtype) -> No
     assert (merged.data_ptr() == tensors[0].data_ptr()) == (dtype == torch.float32)
     if dtype != torch.float32:  # widened: a fresh tensor, the input untouched
         assert torch.equal(tensors[0], originals[0])
+
+
+def gram_of_fresh_chunks(vectors, origin, chunk_size: int) -> torch.Tensor:
+    """The Gram matrix as it was built: a fresh stacked float64 copy of every chunk."""
+    flat = [vector.reshape(-1) for vector in vectors]
+    total = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for start in range(0, flat[0].numel(), chunk_size):
+        rows = [vector[start : start + chunk_size] for vector in flat]
+        if origin is not None:
+            rows = [row - origin.reshape(-1)[start : start + chunk_size] for row in rows]
+        chunk = torch.stack(rows).to(torch.float64)
+        total += chunk @ chunk.T
+    return total
+
+
+@pytest.mark.parametrize("with_origin", [False, True])
+@pytest.mark.parametrize("chunk_size, numel", [(64, 1000), (64, 1024), (4096, 1000), (64, 0)])
+def test_gram_in_one_reused_chunk_has_the_bits_of_fresh_chunks(monkeypatch, with_origin, chunk_size, numel) -> None:
+    monkeypatch.setattr(inner_products, "GRAM_CHUNK", chunk_size)
+    base, tensors = inputs(3, (numel,), seed=numel + chunk_size)
+    origin = base if with_origin else None
+    products = gram(tensors, origin=origin)
+    assert torch.equal(products, gram_of_fresh_chunks(tensors, origin, chunk_size))
+    assert numel == 0 or not torch.equal(products, gram_of_fresh_chunks(tensors, None if with_origin else base, 64))

@@ -24,11 +24,22 @@ def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) ->
     flat_origin = origin.reshape(-1) if origin is not None else None
     total = torch.zeros(len(flat), len(flat), dtype=torch.float64)
     numel = flat[0].numel()
+    # one float64 chunk (and one offset row) filled in place for every chunk: the same values as stacking fresh
+    # copies, without two new chunk-sized allocations per chunk (which fragment the allocator's heaps)
+    device = flat[0].device
+    chunk = torch.empty(len(flat), min(GRAM_CHUNK, numel), dtype=torch.float64, device=device)
+    offset = None
+    if flat_origin is not None:
+        offset = torch.empty(chunk.shape[1], dtype=torch.promote_types(flat[0].dtype, flat_origin.dtype), device=device)
     for start in range(0, numel, GRAM_CHUNK):
-        rows = [vector[start : start + GRAM_CHUNK] for vector in flat]
-        if flat_origin is not None:
-            rows = [row - flat_origin[start : start + GRAM_CHUNK] for row in rows]
-        chunk = torch.stack(rows).to(torch.float64)
+        size = min(GRAM_CHUNK, numel - start)
+        if size < chunk.shape[1]:  # the last, shorter chunk: a contiguous one of its own size
+            chunk = torch.empty(len(flat), size, dtype=torch.float64, device=device)
+        for row, vector in zip(chunk, flat, strict=True):
+            part = vector[start : start + size]
+            if flat_origin is not None and offset is not None:
+                part = torch.sub(part, flat_origin[start : start + size], out=offset[:size])
+            row.copy_(part)
         total += (chunk @ chunk.T).cpu()
     return total
 
