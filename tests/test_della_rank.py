@@ -1,9 +1,10 @@
-"""MAGPRUNE's ranking by sorted integer keys gives the masks of the per-entry stable-argsort pipeline it replaced."""
+"""MAGPRUNE ranking by radix sorts of the magnitudes' bits: the masks of the stable-argsort pipeline it replaced."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_methods_blocks import merge_both_ways
 
 from moemerge.methods import della
 from moemerge.methods.della import drop_magprune, keep_probabilities, magprune_keep
@@ -120,3 +121,15 @@ def test_drop_in_chunks_of_rows_equals_the_former_whole_tensor_drop(monkeypatch,
         dropped = drop_magprune(delta.clone(), density, epsilon, rescale, mine)
         assert torch.equal(dropped, reference_drop(delta.clone(), density, epsilon, rescale, theirs))
         assert torch.equal(torch.rand(4, generator=mine), torch.rand(4, generator=theirs))  # same draws consumed
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("shape, rows_per_block", [((13, 5), 3), ((9, 8), 2), ((4, 3), 1), ((7, 1), 4)])
+def test_packed_masks_of_blocks_off_byte_boundaries_are_the_whole_tensor_masks(name, shape, rows_per_block) -> None:
+    """Blocks whose first entry is not a multiple of 8 pack their masks across byte boundaries without a gap."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=generator)
+    tensors = [base + torch.randn(shape, generator=generator) for _ in range(2)]
+    models = [{"weight": 1.0, "density": 0.5, "epsilon": 0.3}, {"weight": 0.7, "density": 0.4, "epsilon": 0.2}]
+    whole, blocked = merge_both_ways(name, base, tensors, models, {"rescale": False}, rows_per_block)
+    assert torch.equal(blocked, whole)
