@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from methods_support import run_merge
@@ -97,3 +99,19 @@ def test_gram_in_one_reused_chunk_has_the_bits_of_fresh_chunks(monkeypatch, with
     products = gram(tensors, origin=origin)
     assert torch.equal(products, gram_of_fresh_chunks(tensors, origin, chunk_size))
     assert numel == 0 or not torch.equal(products, gram_of_fresh_chunks(tensors, None if with_origin else base, 64))
+
+
+def test_gram_chunks_reuse_one_kept_buffer_per_thread(monkeypatch) -> None:
+    monkeypatch.setattr(inner_products, "GRAM_CHUNK", 64)
+    monkeypatch.setattr(inner_products, "_CHUNK", threading.local())  # this test's own thread state
+    for count, numel in ((2, 500), (3, 1000), (2, 130), (4, 64)):  # grown, then reused by smaller and larger
+        _, tensors = inputs(count, (numel,), seed=count * numel)
+        assert torch.equal(gram(tensors), gram_of_fresh_chunks(tensors, None, 64))
+    kept = inner_products._CHUNK.buffer
+    assert kept.numel() == 4 * 64  # the largest chunk asked for: 4 inputs × 64 entries
+    gram(inputs(2, (100,), seed=1)[1])
+    assert inner_products._CHUNK.buffer is kept
+    monkeypatch.setattr(inner_products, "RETAINED_CHUNK", 4 * 64)
+    _, tensors = inputs(5, (100,), seed=2)
+    assert torch.equal(gram(tensors), gram_of_fresh_chunks(tensors, None, 64))
+    assert inner_products._CHUNK.buffer is kept  # a chunk above the cap is used once, not kept
