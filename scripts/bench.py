@@ -423,8 +423,12 @@ def main() -> None:
         key = f"{name}-{arguments.layers}L{variant}{arguments.label}"
         earlier = results.get(key, {}) if arguments.tools else {}  # a row measured one tool at a time
         row = {**earlier, "recipe": name, "layers": arguments.layers, "math_dtype": arguments.math_dtype, **run_info}
-        if earlier:
-            row["runs"] = {**earlier.get("runs", {}), **{tool: run_info["date"] for tool in tools}}
+        if earlier:  # each tool's last run keeps its own date and command
+            measured = [tool for tool in ("moemerge", "mergekit") if tool in earlier]
+            row["runs"] = {**{tool: earlier["date"] for tool in measured}, **earlier.get("runs", {})}
+            row["runs"].update({tool: run_info["date"] for tool in tools})
+            row["commands"] = {**{tool: earlier["command"] for tool in measured}, **earlier.get("commands", {})}
+            row["commands"].update({tool: run_info["command"] for tool in tools})
         outputs = {}
         for tool in tools:
             out = BENCH / "out" / f"{tool}-{name}-{arguments.layers}L"

@@ -158,7 +158,7 @@ def _runs(results: dict) -> str:
     if not rows:
         return ""
     dates = sorted({row["date"] for row in rows} | {d for row in rows for d in row.get("runs", {}).values()})
-    commands = sorted({row["command"] for row in rows})
+    commands = sorted({row["command"] for row in rows} | {c for row in rows for c in row.get("commands", {}).values()})
     return (
         f"Machine: {rows[0]['machine']}, torch {rows[0]['torch']}; measured {dates[0]} to {dates[-1]}; commands: "
         + "; ".join(f"`{command}`" for command in commands)
