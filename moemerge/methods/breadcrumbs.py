@@ -17,7 +17,6 @@ from functools import partial
 import torch
 from pydantic import Field
 
-from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import (
     MagnitudeCut,
@@ -28,13 +27,7 @@ from moemerge.methods.sparsify import (
     prune_outliers,
     top_count_cut,
 )
-from moemerge.methods.task_vectors import (
-    TaskVectorParams,
-    add_cut_task_vectors,
-    add_task_vectors,
-    merge_sparsified,
-    task_vector,
-)
+from moemerge.methods.task_vectors import TaskVectorParams, merge_by_cuts, merge_sparsified
 
 
 class BreadcrumbsModelParams(Params):
@@ -95,17 +88,16 @@ def merge(
 ) -> torch.Tensor:
     """base + λ Σ_i m_i w_i δ̃_i (/ Σ m_i w_i) with δ̃_i = δ_i minus its top-gamma and bottom magnitudes."""
     assert base is not None
-    deltas = [task_vector(tensor, base) for tensor in tensors]
-    weights = [params.weight for params in model_params]
-    combine = {"sign_consensus": sign_consensus, "normalize": method_params.normalize, "scale": method_params.lambda_}
-    if method_params.rescale or base.device.type != "cpu" or any(nonfinite_count(delta) for delta in deltas):
-        trimmed = [
-            prune_outliers(delta, params.density, params.gamma, method_params.rescale).mul_(params.weight)
-            for delta, params in zip(deltas, model_params, strict=True)
-        ]
-        return add_task_vectors(base, trimmed, weights, **combine)
-    bands = [band_of(delta, params.density, params.gamma) for delta, params in zip(deltas, model_params, strict=True)]
-    return add_cut_task_vectors(base, deltas, weights, bands, apply_band, **combine)
+    return merge_by_cuts(
+        tensors,
+        base,
+        model_params,
+        method_params,
+        prune=lambda delta, params, rescale: prune_outliers(delta, params.density, params.gamma, rescale),
+        cut_of=lambda delta, params: band_of(delta, params.density, params.gamma),
+        apply=apply_band,
+        sign_consensus=sign_consensus,
+    )
 
 
 def statistics(

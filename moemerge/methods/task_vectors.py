@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from pydantic import Field
 
+from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import Params
 
 NEGLIGIBLE_WEIGHT_SUM = 1e-8
@@ -151,23 +152,35 @@ def add_task_vectors_in_chunks(
     return deltas[0]
 
 
-def add_cut_task_vectors(
+def merge_by_cuts(
+    tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    cuts: Sequence[object],
-    apply: Callable[[torch.Tensor, object, int], torch.Tensor],
+    model_params: Sequence[Params],
+    method_params: TaskVectorParams,
     *,
+    prune: Callable[[torch.Tensor, Params, bool], torch.Tensor],
+    cut_of: Callable[[torch.Tensor, Params], object],
+    apply: Callable[[torch.Tensor, object, int], torch.Tensor],
     sign_consensus: bool,
-    normalize: bool,
-    scale: float,
 ) -> torch.Tensor:
-    """`add_task_vectors_in_chunks` for per-entry cuts (TIES, breadcrumbs): `apply(chunk, cuts[i], first_entry)`
-    sparsifies a flat chunk of δ_i in place, then the chunk is weighted."""
+    """The merge of a method whose sparsification is a per-entry cut of each task vector (TIES, breadcrumbs).
+
+    On the CPU each task vector's cut is found first (`cut_of(δ_i, params_i)`), then the trims (`apply`), sign
+    election and sum run a chunk at a time; rescaled trims, NaN/Inf and other devices take `prune(δ_i, params_i,
+    rescale)` over the whole tensor. Both give the same bits.
+    """
+    deltas = [task_vector(tensor, base) for tensor in tensors]
+    weights = [params.weight for params in model_params]
+    combine = {"sign_consensus": sign_consensus, "normalize": method_params.normalize, "scale": method_params.lambda_}
+    if method_params.rescale or base.device.type != "cpu" or any(nonfinite_count(delta) for delta in deltas):
+        trimmed = [
+            prune(delta, params, method_params.rescale).mul_(params.weight)
+            for delta, params in zip(deltas, model_params, strict=True)
+        ]
+        return add_task_vectors(base, trimmed, weights, **combine)
+    cuts = [cut_of(delta, params) for delta, params in zip(deltas, model_params, strict=True)]
 
     def prepare(index: int, chunk: torch.Tensor, first_entry: int) -> torch.Tensor:
         return weigh(apply(chunk, cuts[index], first_entry), weights[index])
 
-    return add_task_vectors_in_chunks(
-        base, deltas, weights, prepare, sign_consensus=sign_consensus, normalize=normalize, scale=scale
-    )
+    return add_task_vectors_in_chunks(base, deltas, weights, prepare, **combine)

@@ -7,16 +7,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 from moemerge.methods.sparsify import MagnitudeCut, apply_cut, magnitude_cut, magnitude_cut_of, prune_magnitude
-from moemerge.methods.task_vectors import (
-    TaskVectorParams,
-    add_cut_task_vectors,
-    add_task_vectors,
-    merge_sparsified,
-    task_vector,
-)
+from moemerge.methods.task_vectors import TaskVectorParams, merge_by_cuts, merge_sparsified
 
 
 class TiesModelParams(Params):
@@ -42,17 +35,16 @@ def merge(
     give the same bits.
     """
     assert base is not None
-    deltas = [task_vector(tensor, base) for tensor in tensors]
-    weights = [params.weight for params in model_params]
-    combine = {"sign_consensus": True, "normalize": method_params.normalize, "scale": method_params.lambda_}
-    if method_params.rescale or base.device.type != "cpu" or any(nonfinite_count(delta) for delta in deltas):
-        trimmed = [
-            prune_magnitude(delta, params.density, method_params.rescale).mul_(params.weight)
-            for delta, params in zip(deltas, model_params, strict=True)
-        ]
-        return add_task_vectors(base, trimmed, weights, **combine)
-    cuts = [magnitude_cut_of(delta, params.density) for delta, params in zip(deltas, model_params, strict=True)]
-    return add_cut_task_vectors(base, deltas, weights, cuts, apply_cut, **combine)
+    return merge_by_cuts(
+        tensors,
+        base,
+        model_params,
+        method_params,
+        prune=lambda delta, params, rescale: prune_magnitude(delta, params.density, rescale),
+        cut_of=lambda delta, params: magnitude_cut_of(delta, params.density),
+        apply=apply_cut,
+        sign_consensus=True,
+    )
 
 
 def statistics(
