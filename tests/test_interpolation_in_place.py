@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from methods_support import run_merge
@@ -11,6 +9,7 @@ from methods_support import run_merge
 from moemerge.methods import inner_products, multislerp, nuslerp
 from moemerge.methods.inner_products import combine, gram
 from moemerge.methods.karcher import coefficients as karcher_coefficients
+from moemerge.methods.scratch import ThreadBuffer
 
 
 def inputs(count: int, shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
@@ -103,15 +102,15 @@ def test_gram_in_one_reused_chunk_has_the_bits_of_fresh_chunks(monkeypatch, with
 
 def test_gram_chunks_reuse_one_kept_buffer_per_thread(monkeypatch) -> None:
     monkeypatch.setattr(inner_products, "GRAM_CHUNK", 64)
-    monkeypatch.setattr(inner_products, "_CHUNK", threading.local())  # this test's own thread state
+    monkeypatch.setattr(inner_products, "GRAM_BUFFER", ThreadBuffer(2**23))  # this test's own thread state
     for count, numel in ((2, 500), (3, 1000), (2, 130), (4, 64)):  # grown, then reused by smaller and larger
         _, tensors = inputs(count, (numel,), seed=count * numel)
         assert torch.equal(gram(tensors), gram_of_fresh_chunks(tensors, None, 64))
-    kept = inner_products._CHUNK.buffer
+    kept = inner_products.GRAM_BUFFER.kept
     assert kept.numel() == 4 * 64  # the largest chunk asked for: 4 inputs × 64 entries
     gram(inputs(2, (100,), seed=1)[1])
-    assert inner_products._CHUNK.buffer is kept
-    monkeypatch.setattr(inner_products, "RETAINED_CHUNK", 4 * 64)
+    assert inner_products.GRAM_BUFFER.kept is kept
+    monkeypatch.setattr(inner_products.GRAM_BUFFER, "retained", 4 * 64)
     _, tensors = inputs(5, (100,), seed=2)
     assert torch.equal(gram(tensors), gram_of_fresh_chunks(tensors, None, 64))
-    assert inner_products._CHUNK.buffer is kept  # a chunk above the cap is used once, not kept
+    assert inner_products.GRAM_BUFFER.kept is kept  # a chunk above the cap is used once, not kept

@@ -134,25 +134,25 @@ def test_dare_cuts_drawn_first_are_the_cuts_drawn_per_input(monkeypatch, rescale
 def test_thread_scratch_is_reused_and_grown_per_thread() -> None:
     import threading
 
-    first = sce.thread_scratch(1000)
-    assert sce.thread_scratch(10).data_ptr() == first.data_ptr()  # reused: no fresh pages for a smaller tensor
-    grown = sce.thread_scratch(5000)
-    assert grown.numel() == 5000 and sce.thread_scratch(4000).data_ptr() == grown.data_ptr()
+    first = sce.SCRATCH.get(1000)
+    assert sce.SCRATCH.get(10).data_ptr() == first.data_ptr()  # reused: no fresh pages for a smaller tensor
+    grown = sce.SCRATCH.get(5000)
+    assert grown.numel() == 5000 and sce.SCRATCH.get(4000).data_ptr() == grown.data_ptr()
     other: list[int] = []
-    worker = threading.Thread(target=lambda: other.append(sce.thread_scratch(10).data_ptr()))
+    worker = threading.Thread(target=lambda: other.append(sce.SCRATCH.get(10).data_ptr()))
     worker.start()
     worker.join()
     assert other[0] != grown.data_ptr()  # each worker thread has its own
 
 
 def test_giant_scratch_is_not_kept_and_two_pass_statistics_release_it(monkeypatch) -> None:
-    monkeypatch.setattr(sce, "RETAINED_SCRATCH", 100)
-    kept = sce.thread_scratch(100)
-    assert sce.thread_scratch(101).data_ptr() != kept.data_ptr()
-    assert sce.thread_scratch(50).data_ptr() == kept.data_ptr()  # the giant did not replace the kept buffer
+    monkeypatch.setattr(sce.SCRATCH, "retained", 100)
+    kept = sce.SCRATCH.get(100)
+    assert sce.SCRATCH.get(101).data_ptr() != kept.data_ptr()
+    assert sce.SCRATCH.get(50).data_ptr() == kept.data_ptr()  # the giant did not replace the kept buffer
     base = torch.zeros(4, 3)
     sce.statistics(Blocks(base, [base + 1, base - 1], 2), [sce.NoParams()] * 2, sce.SceParams())
-    assert sce._SCRATCH.buffer is None
+    assert sce.SCRATCH.kept is None
 
 
 def test_transposed_and_empty_inputs_merge_as_their_contiguous_copies() -> None:

@@ -8,14 +8,15 @@ the coefficients in Python floats keeps the geometry exact to float64 while the 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
 
+from moemerge.methods.scratch import ThreadBuffer
+
 GRAM_CHUNK = 2**20  # entries per input converted to float64 at once
-RETAINED_CHUNK = 2**23  # float64 entries (64 MiB) of chunk a worker thread may keep between Gram matrices
-_CHUNK = threading.local()  # per worker thread: the float64 chunk its Gram matrices reuse
+# per worker thread: the float64 chunk its Gram matrices reuse, kept up to 64 MiB
+GRAM_BUFFER = ThreadBuffer(retained=2**23)
 
 
 def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,7 +31,7 @@ def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) ->
     # one float64 chunk (and one offset row) filled in place for every chunk: the same values as stacking fresh
     # copies, without two new chunk-sized allocations per chunk (which fragment the allocator's heaps)
     device = flat[0].device
-    buffer = _chunk_buffer(len(flat) * min(GRAM_CHUNK, numel), device)
+    buffer = GRAM_BUFFER.get(len(flat) * min(GRAM_CHUNK, numel), device)
     offset = None
     if flat_origin is not None:
         dtype = torch.promote_types(flat[0].dtype, flat_origin.dtype)
@@ -45,17 +46,6 @@ def gram(vectors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) ->
             row.copy_(part)
         total += (chunk @ chunk.T).cpu()
     return total
-
-
-def _chunk_buffer(count: int, device: torch.device) -> torch.Tensor:
-    """`count` float64 entries: on the CPU this thread's kept buffer (grown when too small), elsewhere fresh."""
-    if device.type != "cpu" or count > RETAINED_CHUNK:
-        return torch.empty(count, dtype=torch.float64, device=device)
-    buffer = getattr(_CHUNK, "buffer", None)
-    if buffer is None or buffer.numel() < count:
-        _CHUNK.buffer = None  # the old one freed before the new one is allocated
-        _CHUNK.buffer = buffer = torch.empty(count, dtype=torch.float64)
-    return buffer
 
 
 def combine(coefficients: Sequence[float], tensors: Sequence[torch.Tensor], in_place: bool = False) -> torch.Tensor:

@@ -17,7 +17,6 @@ steps.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from pydantic import Field
 
 from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource, MergeMethod, NoParams, Params, TwoPass, register
+from moemerge.methods.scratch import ThreadBuffer
 from moemerge.methods.sparsify import cut_keeps, keep_count, top_count_cut, top_magnitude_mask, unpack_keep
 from moemerge.methods.task_vectors import MERGE_CHUNK
 
@@ -99,20 +99,8 @@ def float64_scratch(count: int, reuse: torch.Tensor | None = None) -> torch.Tens
     return torch.empty(count, dtype=torch.float64)
 
 
-_SCRATCH = threading.local()  # per worker thread: one float64 buffer that the tensors it merges reuse
-RETAINED_SCRATCH = 2**24  # float64 entries (128 MiB) a worker thread may keep between tensors
-
-
-def thread_scratch(count: int) -> torch.Tensor:
-    """`count` float64 entries of this thread's reused buffer, grown when too small: a fresh buffer per tensor costs
-    the kernel a page fault and a page of zeros per 4 KiB, more CPU than the sums it holds."""
-    if count > RETAINED_SCRATCH:
-        return torch.empty(count, dtype=torch.float64)  # a rare giant (a vocabulary-aligned embedding): not kept
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < count:
-        _SCRATCH.buffer = buffer = None  # the old one freed before the new one is allocated
-        _SCRATCH.buffer = buffer = torch.empty(count, dtype=torch.float64)
-    return buffer[:count]
+# per worker thread: one float64 buffer (at most 128 MiB) that the tensors it merges reuse
+SCRATCH = ThreadBuffer(retained=2**24)
 
 
 def sum_of_squares(flat: torch.Tensor, scratch: torch.Tensor) -> float:
@@ -174,7 +162,7 @@ def _merge_in_chunks(deltas: list[torch.Tensor], base: torch.Tensor, select_topk
     """`merge`'s steps a chunk at a time (CPU, finite task vectors); the result is built in deltas[0]'s memory."""
     flats = [delta.reshape(-1) for delta in deltas]
     numel = flats[0].numel()
-    scratch = thread_scratch(numel)  # the variances (in its first half), then each Σ δ²'s squares
+    scratch = SCRATCH.get(numel)  # the variances (in its first half), then each Σ δ²'s squares
     if select_topk < 1.0:
         variance = scratch.view(torch.uint8)[: numel * flats[0].element_size()].view(flats[0].dtype)
         entry_variance(flats, variance)
@@ -266,7 +254,7 @@ def statistics(
 
     The sums' float64 squares go into the variances' buffer once the cut is taken (a fresh block-sized buffer
     when there is none, or it is too small)."""
-    _SCRATCH.buffer = None  # this thread's whole-tensor scratch: the variances take its place for a while
+    SCRATCH.release()  # this thread's whole-tensor scratch: the variances take its place for a while
     selected = None
     variance: torch.Tensor | None = None
     if method_params.select_topk < 1.0:
