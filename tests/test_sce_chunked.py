@@ -1,7 +1,7 @@
 """SCE's and DARE's reused buffers and fused passes give the bits of the formulas they replace.
 
 The references are the steps as they were: `torch.sum(δ * δ, dtype=torch.float64)` for the energies, `torch.var` for
-the variances, a whole-block mask before the bool sign election, and one `random_cut` per input.
+the variances, a whole-block mask before the bool sign election, and one DARE drop per input (`random_cut_per_input`).
 """
 
 from __future__ import annotations
@@ -111,6 +111,34 @@ def test_two_pass_statistics_and_blocks_have_the_bits_they_had(monkeypatch, topk
         assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
 
 
+def random_cut_per_input(source, model: int, density: float, rescale: bool, generator) -> sparsify.RandomCut:
+    """The reference: one input's DARE drop as the two-pass statistics took it before `random_cuts` (masks drawn
+    as the blocks of that input arrive, its L1 sums from its own pass over the blocks)."""
+    if density >= 1.0:
+        return sparsify.RandomCut(keep=None)
+    numel = source.numel
+    packed = np.empty((numel + 7) // 8, dtype=np.uint8)
+    step = -(-sparsify.DRAW_CHUNK // 8) * 8
+    if not rescale:
+        for start, keep in sparsify._keep_chunks(numel, density, generator, step):
+            sparsify.pack_into(packed, start, keep)
+        return sparsify.RandomCut(keep=None, packed_keep=packed)
+    l1_before = l1_kept = 0.0
+    chunks = sparsify._keep_chunks(numel, density, generator, step)
+    drawn = 0
+    for first, magnitude in sparsify._block_magnitudes(source, model):
+        l1_before += sparsify.l1_norm(magnitude)
+        while drawn < first + magnitude.numel():
+            start, keep = next(chunks)
+            sparsify.pack_into(packed, start, keep)
+            drawn = start + keep.numel()
+        cut = sparsify.RandomCut(keep=None, packed_keep=packed)
+        l1_kept += sparsify.l1_norm(sparsify.apply_random_cut(magnitude, cut, first))
+    for start, keep in chunks:
+        sparsify.pack_into(packed, start, keep)
+    return sparsify.RandomCut(keep=None, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0, packed_keep=packed)
+
+
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("rows_per_block", [1, 6, 30])
 def test_dare_cuts_drawn_first_are_the_cuts_drawn_per_input(monkeypatch, rescale, rows_per_block) -> None:
@@ -122,7 +150,7 @@ def test_dare_cuts_drawn_first_are_the_cuts_drawn_per_input(monkeypatch, rescale
     source = Blocks(base, tensors, rows_per_block)
     together, apart = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     cuts = sparsify.random_cuts(source, densities, rescale, together)
-    expected = [sparsify.random_cut(source, i, d, rescale, apart) for i, d in enumerate(densities)]
+    expected = [random_cut_per_input(source, i, d, rescale, apart) for i, d in enumerate(densities)]
     for cut, reference in zip(cuts, expected, strict=True):
         assert cut.keep is None and cut.factor == reference.factor
         assert (cut.packed_keep is None) == (reference.packed_keep is None)

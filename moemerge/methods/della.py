@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from moemerge.methods.dare import merge_block  # the same masked, rescaled block merge as DARE's
 from moemerge.methods.ranks import ascending_columns
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
-from moemerge.methods.sparsify import RandomCut, l1_norm, rescale_l1
+from moemerge.methods.sparsify import RandomCut, l1_norm, pack_into, rescale_l1
 from moemerge.methods.task_vectors import TaskVectorParams, merge_sparsified
 
 # entries ranked at once (measured best of 2^15 … 2^20): a chunk's keys, orders and gathered draws stay in cache instead
@@ -194,15 +194,13 @@ def statistics(
             drawn += count  # each block's draws as it comes (see `_draws`)
             block_keep = magprune_drawn(magnitudes.cpu(), params.density, params.epsilon, generator)
             bits = torch.cat([pending, block_keep.reshape(-1)])  # starts on a whole byte
-            whole_bytes = bits.numel() // 8
-            start = (first - pending.numel()) // 8
-            packed[start : start + whole_bytes] = np.packbits(bits[: 8 * whole_bytes].numpy())
-            pending = bits[8 * whole_bytes :]
+            whole = bits.numel() // 8 * 8
+            pack_into(packed, first - pending.numel(), bits[:whole])
+            pending = bits[whole:]
             if method_params.rescale:
                 l1_before += l1_norm(magnitudes)
                 l1_kept += l1_norm(magnitudes.mul_(block_keep.to(magnitudes.device)))
-        if pending.numel():
-            packed[-1] = np.packbits(pending.numpy())[0]
+        pack_into(packed, source.numel - pending.numel(), pending)
         factor = l1_before / l1_kept if method_params.rescale and l1_kept > 0.0 else 1.0
         cuts.append(RandomCut(keep=None, factor=factor, packed_keep=packed))
     return cuts

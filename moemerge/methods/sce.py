@@ -27,7 +27,7 @@ from pydantic import Field
 from moemerge.finite import nonfinite_count
 from moemerge.methods.registry import BlockSource, MergeMethod, NoParams, Params, TwoPass, register
 from moemerge.methods.scratch import ThreadBuffer
-from moemerge.methods.sparsify import cut_keeps, keep_count, top_count_cut, top_magnitude_mask, unpack_keep
+from moemerge.methods.sparsify import cut_keeps, keep_count, pack_into, top_count_cut, top_magnitude_mask, unpack_keep
 from moemerge.methods.task_vectors import MERGE_CHUNK
 
 WEIGHT_FLOOR = 1e-6
@@ -269,7 +269,7 @@ def statistics(
         selected = np.empty((source.numel + 7) // 8, dtype=np.uint8)
         for start in range(0, source.numel, MERGE_CHUNK):  # MERGE_CHUNK is a multiple of 8: whole bytes
             keep = cut_keeps(variance[start : start + MERGE_CHUNK], cut, start)
-            selected[start // 8 : (start + keep.numel() + 7) // 8] = np.packbits(keep.numpy())
+            pack_into(selected, start, keep)
     energies: list[float] = []
     scratch: torch.Tensor | None = None
     for first, base, tensors in source.blocks():

@@ -308,38 +308,12 @@ class RandomCut:
     packed_keep: np.ndarray | None = None  # np.packbits of the flat bool mask (big-endian bit order)
 
 
-def random_cut(source: BlockSource, model: int, density: float, rescale: bool, generator: torch.Generator) -> RandomCut:
-    """The DARE drop of input `model`: the mask from the same draws as the whole-tensor path, L1 sums by block."""
-    if density >= 1.0:
-        return RandomCut(keep=None)
-    numel = source.numel
-    packed = np.empty((numel + 7) // 8, dtype=np.uint8)
-    step = -(-DRAW_CHUNK // 8) * 8  # chunks start on whole bytes of the packed mask
-    if not rescale:
-        for start, keep in _keep_chunks(numel, density, generator, step):
-            _pack_into(packed, start, keep)
-        return RandomCut(keep=None, packed_keep=packed)
-    l1_before = l1_kept = 0.0
-    chunks = _keep_chunks(numel, density, generator, step)
-    drawn = 0  # the mask is drawn on a grid of DRAW_CHUNK entries, ahead of the blocks, whatever their size
-    for first, magnitude in _block_magnitudes(source, model):
-        l1_before += l1_norm(magnitude)
-        while drawn < first + magnitude.numel():
-            start, keep = next(chunks)
-            _pack_into(packed, start, keep)
-            drawn = start + keep.numel()
-        l1_kept += l1_norm(apply_random_cut(magnitude, RandomCut(keep=None, packed_keep=packed), first))
-    for start, keep in chunks:  # blocks that did not cover the tensor still leave the generator where it was
-        _pack_into(packed, start, keep)
-    return RandomCut(keep=None, factor=l1_before / l1_kept if l1_kept > 0.0 else 1.0, packed_keep=packed)
-
-
 def random_cuts(
     source: BlockSource, densities: Sequence[float], rescale: bool, generator: torch.Generator
 ) -> list[RandomCut]:
-    """`random_cut` of every input, with the same masks and factors: the masks need no data, so they are drawn first,
-    in model order (the same stream), and the rescale's L1 sums of every input then take one pass over the blocks
-    (the same sums per block, in the same order) instead of one pass, re-reading the base, per input."""
+    """The DARE drop of every input (two-pass merges): each mask from the same draws as the whole-tensor path, packed
+    one bit per entry, and the rescale's L1 sums by block. The masks need no data, so they are drawn first, in model
+    order (the same stream), and the L1 sums of every input then take one pass over the blocks."""
     step = -(-DRAW_CHUNK // 8) * 8  # chunks start on whole bytes of the packed mask
     masks: list[np.ndarray | None] = []
     for density in densities:
@@ -348,7 +322,7 @@ def random_cuts(
             continue
         packed = np.empty((source.numel + 7) // 8, dtype=np.uint8)
         for start, keep in _keep_chunks(source.numel, density, generator, step):
-            _pack_into(packed, start, keep)
+            pack_into(packed, start, keep)
         masks.append(packed)
     dropped = [index for index, packed in enumerate(masks) if packed is not None]
     l1_before, l1_kept = [0.0] * len(masks), [0.0] * len(masks)
@@ -372,8 +346,8 @@ def random_cuts(
     ]
 
 
-def _pack_into(packed: np.ndarray, start: int, keep: torch.Tensor) -> None:
-    """Store a chunk of a mask (first entry `start`, a multiple of 8) one bit per entry."""
+def pack_into(packed: np.ndarray, start: int, keep: torch.Tensor) -> None:
+    """Store a chunk of a flat bool mask (first entry `start`, a multiple of 8) in `packed`, one bit per entry."""
     packed[start // 8 : (start + keep.numel() + 7) // 8] = np.packbits(keep.numpy())
 
 
