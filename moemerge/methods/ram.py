@@ -8,8 +8,7 @@ whole; where c > 1 did, their changes are averaged (divided by c); unchanged ent
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Iterable, Sequence
 
 import torch
 from pydantic import Field
@@ -56,7 +55,8 @@ class _Scratch:
     """One chunk's buffers, allocated once per tensor and reused: the page faults of fresh full-size temporaries
     (half of RAM's CPU time when every step made one) are gone."""
 
-    def __init__(self, models: int, dtype: torch.dtype, size: int) -> None:
+    def __init__(self, models: int, base: torch.Tensor) -> None:
+        dtype, size = torch.promote_types(base.dtype, torch.float32), min(CHUNK, base.numel())
         self.deltas = torch.empty(models, size, dtype=dtype)
         self.changed = torch.empty(models, size, dtype=torch.bool)
         self.count = torch.empty(size, dtype=torch.int64)
@@ -81,19 +81,12 @@ def _flat_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> tuple[l
 
 
 def _merged_in_chunks(
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    epsilon: float,
-    boosts: Sequence[float] | None,
-    counts_to_boosts: Callable[[list[int], list[int]], list[float]] | None = None,
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, boosts: Sequence[float]
 ) -> torch.Tensor:
-    """`_merged(base, *_changes(...))` a chunk at a time, the same bits; boosts None: RAM+'s, from the tensor's
-    shared/unique counts by `counts_to_boosts`."""
+    """`_merged(base, *_changes(...))` a chunk at a time, the same bits."""
     dtype = torch.promote_types(base.dtype, torch.float32)
     flats, flat_base = _flat_inputs(tensors, base)
-    scratch = _Scratch(len(tensors), dtype, min(CHUNK, base.numel()))
-    if boosts is None:
-        boosts = counts_to_boosts(*_chunked_counts(flats, flat_base, epsilon, scratch))
+    scratch = _Scratch(len(tensors), base)
     # the result goes where the first input was (a chunk is read before it is written), when the dtypes agree
     first = tensors[0]
     merged = first if first.dtype == dtype and first.is_contiguous() else torch.empty(base.shape, dtype=dtype)
@@ -105,17 +98,27 @@ def _merged_in_chunks(
     return merged
 
 
-def _chunked_counts(flats, flat_base: torch.Tensor, epsilon: float, scratch: _Scratch) -> tuple[list[int], list[int]]:
-    """Each model's shared and unique changed entries, summed chunk by chunk (integers: the same as whole)."""
-    shared = [0] * len(flats)
-    unique = [0] * len(flats)
-    for start in range(0, flat_base.numel(), CHUNK):
-        stop = min(start + CHUNK, flat_base.numel())
-        _, changed, count = scratch.changes(flats, flat_base, epsilon, start, stop)
-        for index, (s, u) in enumerate(zip(*_counts(changed, count), strict=True)):
-            shared[index] += s
-            unique[index] += u
+def _summed(parts: Iterable[tuple[list[int], list[int]]], models: int) -> tuple[list[int], list[int]]:
+    """Each model's shared and unique counts added up over parts (chunks, blocks): integers, so the same as whole."""
+    shared, unique = [0] * models, [0] * models
+    for part_shared, part_unique in parts:
+        shared = [a + b for a, b in zip(shared, part_shared, strict=True)]
+        unique = [a + b for a, b in zip(unique, part_unique, strict=True)]
     return shared, unique
+
+
+def _tensor_counts(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple[list[int], list[int]]:
+    """Each model's changed entries shared with others and unique to it; a chunk at a time on the CPU."""
+    if base.device.type != "cpu":
+        _, changed, count = _changes(tensors, base, epsilon)
+        return _counts(changed, count)
+    flats, flat_base = _flat_inputs(tensors, base)
+    scratch = _Scratch(len(tensors), base)
+    chunks = (
+        _counts(*scratch.changes(flats, flat_base, epsilon, start, min(start + CHUNK, flat_base.numel()))[1:])
+        for start in range(0, flat_base.numel(), CHUNK)
+    )
+    return _summed(chunks, len(tensors))
 
 
 def merge(
@@ -157,8 +160,8 @@ def merge_plus(
     """base + Σ_i δ_i [|δ_i| > ε] (λ_i [c = 1] + [c > 1] / c), λ_i from the tensor's shared/unique counts."""
     assert base is not None
     if base.device.type == "cpu":
-        boosts_of = partial(_boosts, method_params=method_params)
-        return _merged_in_chunks(tensors, base, method_params.epsilon, None, boosts_of)
+        boosts = _boosts(*_tensor_counts(tensors, base, method_params.epsilon), method_params)
+        return _merged_in_chunks(tensors, base, method_params.epsilon, boosts)
     deltas, changed, count = _changes(tensors, base, method_params.epsilon)
     boosts = _boosts(*_counts(changed, count), method_params)
     return _merged(base, deltas, count, boosts)
@@ -171,20 +174,8 @@ def statistics_plus(
     generator: torch.Generator | None = None,
 ) -> list[float]:
     """Each model's boost λ_i from shared/unique counts summed over row blocks."""
-    shared = [0] * len(model_params)
-    unique = [0] * len(model_params)
-    for _, base, tensors in source.blocks():
-        if base.device.type == "cpu":
-            flats, flat_base = _flat_inputs(tensors, base)
-            scratch = _Scratch(len(tensors), torch.promote_types(base.dtype, torch.float32), min(CHUNK, base.numel()))
-            counts = _chunked_counts(flats, flat_base, method_params.epsilon, scratch)
-        else:
-            _, changed, count = _changes(tensors, base, method_params.epsilon)
-            counts = _counts(changed, count)
-        for index, (s, u) in enumerate(zip(*counts, strict=True)):
-            shared[index] += s
-            unique[index] += u
-    return _boosts(shared, unique, method_params)
+    blocks = (_tensor_counts(tensors, base, method_params.epsilon) for _, base, tensors in source.blocks())
+    return _boosts(*_summed(blocks, len(model_params)), method_params)
 
 
 def merge_block_plus(
