@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from moemerge.errors import ConfigError
-from moemerge.methods.inner_products import gram
+from moemerge.methods.inner_products import combine, gram
 from moemerge.methods.registry import BlockSource, MergeMethod, Params, TwoPass, register
 
 NORM_FLOOR = 1e-7  # vectors are normalised by max(‖v‖, 1e-7)
@@ -79,7 +79,7 @@ def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list
 def _interpolate(v0: torch.Tensor, v1: torch.Tensor, scale0, scale1, base: torch.Tensor | None) -> torch.Tensor:
     """scale0 · v0 + scale1 · v1 [+ base], in v0's memory (v1 is overwritten too when the scales are per vector)."""
     if isinstance(scale0, float):
-        merged = v0.mul_(scale0).add_(v1, alpha=scale1)
+        merged = combine([scale0, scale1], [v0, v1], in_place=True)
     else:
         merged = v0.mul_(scale0.to(v0.dtype)).add_(v1.mul_(scale1.to(v1.dtype)))
     return merged if base is None else merged.add_(base)
